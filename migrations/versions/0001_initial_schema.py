@@ -1,0 +1,104 @@
+"""Counters and calls tables, and the PostgreSQL allocation function.
+
+Revision ID: 0001
+Revises:
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0001"
+down_revision = None
+branch_labels = ("callindex",)
+depends_on = None
+
+_json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+# Same statement as the library's allocate_call_index, for writers in other
+# languages. Parameters are qualified with the function name because state_id
+# is also a column name.
+ALLOCATE_FUNCTION = """
+CREATE FUNCTION callindex_allocate(state_id text, count integer DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    first_index bigint;
+BEGIN
+    IF callindex_allocate.count IS NULL OR callindex_allocate.count < 1 THEN
+        RAISE EXCEPTION 'callindex_allocate: count must be at least 1, not %',
+            callindex_allocate.count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE call_index_counters AS counters
+    SET next_index = counters.next_index + callindex_allocate.count
+    WHERE counters.state_id = callindex_allocate.state_id
+    RETURNING counters.next_index - callindex_allocate.count INTO first_index;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'callindex_allocate: unknown state %', callindex_allocate.state_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN first_index;
+END;
+$$
+"""
+
+
+def upgrade() -> None:
+    op.create_table(
+        "call_index_counters",
+        sa.Column("state_id", sa.Text(), nullable=False),
+        sa.Column("next_index", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.CheckConstraint("next_index >= 0", name=op.f("ck_call_index_counters_next_index_non_negative")),
+        sa.CheckConstraint(
+            "length(state_id) BETWEEN 1 AND 255", name=op.f("ck_call_index_counters_state_id_length")
+        ),
+        sa.PrimaryKeyConstraint("state_id", name=op.f("pk_call_index_counters")),
+        postgresql_with={"fillfactor": 20},
+    )
+    op.create_table(
+        "calls",
+        sa.Column("call_id", sa.Text(), nullable=False),
+        sa.Column("state_id", sa.Text(), nullable=False),
+        sa.Column("call_index", sa.BigInteger(), nullable=False),
+        sa.Column("call_type", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("request", _json, nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
+        sa.Column("response", _json, nullable=True),
+        sa.Column("response_hash", sa.String(length=64), nullable=True),
+        sa.Column("error", _json, nullable=True),
+        sa.Column("error_hash", sa.String(length=64), nullable=True),
+        sa.Column("latency_ms", sa.Float(), nullable=True),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint("call_index >= 0", name=op.f("ck_calls_call_index_non_negative")),
+        sa.CheckConstraint(
+            "status IN ('pending', 'success', 'error', 'abandoned')", name=op.f("ck_calls_status_known")
+        ),
+        sa.ForeignKeyConstraint(
+            ["state_id"],
+            ["call_index_counters.state_id"],
+            name=op.f("fk_calls_state_id_call_index_counters"),
+            ondelete="RESTRICT",
+        ),
+        sa.PrimaryKeyConstraint("call_id", name=op.f("pk_calls")),
+        sa.UniqueConstraint("state_id", "call_index", name=op.f("uq_calls_state_id_call_index")),
+    )
+    if op.get_context().dialect.name == "postgresql":
+        op.execute(ALLOCATE_FUNCTION)
+
+
+def downgrade() -> None:
+    if op.get_context().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION callindex_allocate(text, integer)")
+    op.drop_table("calls")
+    op.drop_table("call_index_counters")

@@ -1,0 +1,245 @@
+"""Engines, transactions and the one boundary where driver errors become ours.
+
+Every statement callindex runs goes through :class:`Database`, which
+
+* builds an engine for the two supported backends (PostgreSQL through
+  psycopg 3, SQLite through the standard library) and configures SQLite for
+  concurrent writers: WAL journal, a busy timeout, foreign keys, and
+  ``BEGIN IMMEDIATE`` for every transaction so a reader never has to upgrade
+  to a writer (which fails at once under WAL instead of waiting);
+* runs a unit of work in the right kind of transaction;
+* maps driver errors to :mod:`callindex.errors` types, chained ``from`` the
+  original, without ever putting a password in a message.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import quote, unquote
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, make_url
+
+from callindex.errors import (
+    CallIndexError,
+    ConfigurationError,
+    ContentionError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    SchemaMissingError,
+)
+
+T = TypeVar("T")
+
+DEFAULT_URL: Final = "sqlite:///callindex.db"
+URL_ENVIRONMENT_VARIABLE: Final = "CALLINDEX_DATABASE_URL"
+SQLITE_BUSY_TIMEOUT_SECONDS: Final = 10.0
+POSTGRESQL_CONNECT_TIMEOUT_SECONDS: Final = 10
+
+_UNDEFINED_TABLE: Final = "42P01"
+_UNDEFINED_FUNCTION: Final = "42883"
+_CONTENTION_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
+_UNAVAILABLE_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
+_SQLITE_BUSY_CODES: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+_USERINFO: Final = re.compile(r"(?<=://)[^@/]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo (user and password) replaced, for messages."""
+    return _USERINFO.sub("***@", url)
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse and normalise a database URL, or raise :class:`ConfigurationError`.
+
+    ``postgresql://`` and ``postgres://`` select psycopg 3; only the
+    ``postgresql+psycopg`` and ``sqlite``/``sqlite+pysqlite`` forms are accepted.
+    """
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError as error:
+        shown = redact_url(str(url))
+        raise ConfigurationError(f"not a database URL: {shown!r}") from error
+    backend = parsed.get_backend_name()
+    driver = parsed.get_driver_name()
+    if backend in ("postgresql", "postgres"):
+        if "+" in parsed.drivername and driver != "psycopg":
+            raise ConfigurationError(
+                f"unsupported PostgreSQL driver {driver!r}: use postgresql+psycopg://"
+            )
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver != "pysqlite":
+            raise ConfigurationError(f"unsupported SQLite driver {driver!r}: use sqlite:///FILE")
+        return parsed
+    raise ConfigurationError(
+        f"unsupported database {backend!r}: callindex runs on PostgreSQL "
+        "(postgresql+psycopg://...) and SQLite (sqlite:///FILE)"
+    )
+
+
+def sqlite_file(url: URL) -> Path:
+    """The file of a SQLite URL; in-memory databases are refused."""
+    name = url.database or ""
+    if name in ("", ":memory:") or url.query.get("mode") == "memory":
+        raise ConfigurationError(
+            "an in-memory SQLite database cannot be shared between connections: "
+            "use a file, e.g. sqlite:///callindex.db"
+        )
+    if name.startswith("file:"):
+        name = unquote(name.removeprefix("file:"))
+    return Path(name).expanduser().resolve()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """Install the connection and transaction settings SQLite needs (idempotent)."""
+    if event.contains(engine, "begin", _begin_immediate):
+        return
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _begin_immediate)
+    # Connections pooled before the listeners existed never saw them.
+    engine.dispose()
+
+
+def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # Hand transaction control to SQLAlchemy's "begin" event (BEGIN IMMEDIATE)
+    # instead of pysqlite's implicit deferred BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+def _begin_immediate(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def build_engine(url: str | URL) -> Engine:
+    """An engine for ``url``, configured for callindex's concurrency needs.
+
+    A SQLite file is opened read-write without being created: a missing file
+    surfaces as :class:`SchemaMissingError`, and only :meth:`Database.prepare_file`
+    (called by the migrations) creates it.
+    """
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_file(parsed)
+        timeout = parsed.query.get("timeout", str(SQLITE_BUSY_TIMEOUT_SECONDS))
+        uri = URL.create(
+            "sqlite+pysqlite",
+            database=f"file:{quote(str(path))}",
+            query={"mode": "rw", "uri": "true", "timeout": timeout},
+        )
+        engine = create_engine(uri)
+        _configure_sqlite(engine)
+        return engine
+    connect_args: dict[str, Any] = {"application_name": "callindex"}
+    if "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = POSTGRESQL_CONNECT_TIMEOUT_SECONDS
+    return create_engine(parsed, connect_args=connect_args)
+
+
+class Database:
+    """One database, its engine, and the transactions callindex runs in it."""
+
+    def __init__(self, url_or_engine: str | URL | Engine) -> None:
+        if isinstance(url_or_engine, Engine):
+            self.engine = url_or_engine
+            self.display_url = self.engine.url.render_as_string(hide_password=True)
+            parse_url(self.engine.url)  # refuses unsupported backends
+            if self.engine.dialect.name == "sqlite":
+                _configure_sqlite(self.engine)
+        else:
+            self.engine = build_engine(url_or_engine)
+            self.display_url = parse_url(url_or_engine).render_as_string(hide_password=True)
+        self.backend: str = self.engine.dialect.name
+        # A single statement commits by itself in autocommit mode: one round
+        # trip on PostgreSQL instead of BEGIN, statement, COMMIT.
+        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def prepare_file(self) -> None:
+        """Create the SQLite file if it does not exist yet (no-op on PostgreSQL)."""
+        if self.backend == "sqlite":
+            path = sqlite_file(self.engine.url)
+            if not path.parent.is_dir():
+                raise ConfigurationError(f"folder {str(path.parent)!r} does not exist")
+            path.touch(exist_ok=True)
+
+    def write(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        connection: Connection | None = None,
+        single_statement: bool = False,
+    ) -> T:
+        """Run ``work`` in a write transaction and return its result.
+
+        With ``connection``, ``work`` joins the caller's transaction, which the
+        caller commits or rolls back. Otherwise callindex commits before
+        returning; ``single_statement`` declares that ``work`` runs exactly one
+        statement, which may then commit by itself where the backend allows.
+        """
+        with self.translated_errors():
+            if connection is not None:
+                return work(connection)
+            if single_statement and self.backend == "postgresql":
+                with self._autocommit_engine.connect() as autocommit:
+                    return work(autocommit)
+            with self.engine.begin() as transaction:
+                return work(transaction)
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction that is rolled back afterwards."""
+        with self.translated_errors(), self.engine.connect() as conn:
+            return work(conn)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def translated_errors(self) -> Iterator[None]:
+        """Re-raise driver and SQLAlchemy errors as :mod:`callindex.errors` types."""
+        try:
+            yield
+        except CallIndexError:
+            raise
+        except exc.DBAPIError as error:
+            raise self._translate(error) from error
+        except exc.SQLAlchemyError as error:
+            raise DatabaseError(f"{type(error).__name__} on {self.display_url}") from error
+
+    def _translate(self, error: exc.DBAPIError) -> CallIndexError:
+        original = error.orig
+        detail = str(original).strip().splitlines()[0] if str(original).strip() else ""
+        sqlstate = getattr(original, "sqlstate", None)
+        sqlite_code = getattr(original, "sqlite_errorname", None)
+        where = self.display_url
+        if sqlstate in (_UNDEFINED_TABLE, _UNDEFINED_FUNCTION) or "no such table" in detail:
+            return SchemaMissingError(
+                f"the callindex schema is missing from {where}: run `callindex db upgrade`"
+            )
+        if sqlstate in _CONTENTION_SQLSTATES or sqlite_code in _SQLITE_BUSY_CODES:
+            return ContentionError(f"the database stayed busy ({detail}) on {where}")
+        if (
+            error.connection_invalidated
+            or sqlstate in _UNAVAILABLE_SQLSTATES
+            or (sqlstate or "").startswith("08")
+            or (isinstance(error, exc.OperationalError) and sqlstate is None and not sqlite_code)
+        ):
+            return DatabaseUnavailableError(f"cannot reach the database {where}: {detail}")
+        if sqlite_code == "SQLITE_CANTOPEN":
+            path = sqlite_file(self.engine.url)
+            if not path.exists():
+                return SchemaMissingError(
+                    f"the database file {str(path)!r} does not exist: run `callindex db upgrade`"
+                )
+            return DatabaseUnavailableError(f"cannot open the database {where}: {detail}")
+        return DatabaseError(f"{type(original).__name__}: {detail} (on {where})")

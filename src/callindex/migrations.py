@@ -1,0 +1,142 @@
+"""Run callindex's alembic migrations, which ship with the package.
+
+callindex keeps its revision in its own version table, ``callindex_alembic_version``,
+so it can share a database (and a schema) with an application that runs its
+own alembic history. No ``alembic.ini`` is needed anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, text
+
+from callindex.database import Database, parse_url, sqlite_file
+from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
+from callindex.resources import resource_dir
+
+VERSION_TABLE: Final = "callindex_alembic_version"
+# Any fixed number: serialises concurrent upgrades of one PostgreSQL database.
+_UPGRADE_LOCK_KEY: Final = 0x63616C6C  # "call"
+
+
+def alembic_config(
+    *, connection: Connection | None = None, url: str | None = None, output: io.StringIO | None = None
+) -> Config:
+    """An alembic :class:`Config` for callindex's migrations.
+
+    Pass ``connection`` to run online, or ``url`` (only its dialect is used) and
+    ``output`` to render SQL offline.
+    """
+    config = Config(output_buffer=output)
+    config.set_main_option("script_location", str(resource_dir("migrations")))
+    config.set_main_option("version_table", VERSION_TABLE)
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "callindex ships at least one migration"
+    return head
+
+
+def current_revision(db: Database) -> str | None:
+    """The revision the database is at, or ``None`` for a database without callindex."""
+
+    def read(conn: Connection) -> str | None:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+    if db.backend == "sqlite" and not sqlite_file(db.engine.url).exists():
+        return None
+    return db.read(read)
+
+
+def upgrade(db: Database, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (default: the newest)."""
+    db.prepare_file()
+    _run(db, "upgrade", revision)
+
+
+def downgrade(db: Database, revision: str) -> None:
+    """Take the schema back to ``revision`` (``base`` removes everything)."""
+    _run(db, "downgrade", revision)
+
+
+def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str) -> None:
+    def migrate(conn: Connection) -> None:
+        if db.backend == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
+        config = alembic_config(connection=conn)
+        try:
+            getattr(command, direction)(config, revision)
+        except CommandError as error:
+            raise ConfigurationError(f"cannot {direction} to {revision!r}: {error}") from error
+
+    db.write(migrate)
+
+
+def offline_sql(url: str, revision_range: str = "base:head") -> str:
+    """The SQL that upgrades across ``revision_range`` on the dialect of ``url``.
+
+    Nothing connects to a database: only the URL's backend is used.
+    """
+    dialect_url = parse_url(url).set(
+        username=None, password=None, host=None, port=None, database=None, query={}
+    )
+    if ":" not in revision_range:
+        revision_range = f"base:{revision_range}"
+    output = io.StringIO()
+    config = alembic_config(url=dialect_url.render_as_string(), output=output)
+    try:
+        command.upgrade(config, revision_range, sql=True)
+    except CommandError as error:
+        raise ConfigurationError(f"cannot render {revision_range!r}: {error}") from error
+    return output.getvalue()
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+def check(db: Database) -> SchemaStatus:
+    """The database's revision if it is the library's; else a :class:`SchemaError`
+    whose message names the command that fixes it."""
+    status = SchemaStatus(current=current_revision(db), head=head_revision())
+    if status.up_to_date:
+        return status
+    if status.current is None:
+        raise SchemaMissingError(
+            f"{db.display_url} has no callindex schema: run `callindex db upgrade`"
+        )
+    scripts = ScriptDirectory.from_config(alembic_config())
+    known = {script.revision for script in scripts.walk_revisions()}
+    if status.current in known:
+        raise SchemaVersionError(
+            f"{db.display_url} is at revision {status.current}, behind the library's "
+            f"{status.head}: run `callindex db upgrade`"
+        )
+    raise SchemaVersionError(
+        f"{db.display_url} is at revision {status.current}, which this callindex does not "
+        f"know (newer than its {status.head}): upgrade the library "
+        "(`pip install --upgrade callindex`), or run `callindex db downgrade "
+        f"{status.head}` with the newer library installed"
+    )
+

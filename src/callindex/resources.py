@@ -1,0 +1,51 @@
+"""Locate the folders that ship beside the code: ``migrations/`` and ``sql/``.
+
+A wheel carries them inside the package as ``callindex/_migrations`` and
+``callindex/_sql``; a source checkout (or an editable install) has them at the
+repository root. Both layouts are looked up, packaged first.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from sqlalchemy import TextClause, text
+
+from callindex.errors import CallIndexError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_BLOCK_HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
+
+
+def resource_dir(name: str) -> Path:
+    """The shipped folder ``name`` (``"migrations"`` or ``"sql"``)."""
+    for candidate in (_PACKAGE_DIR / f"_{name}", _PACKAGE_DIR.parents[1] / name):
+        if candidate.is_dir():
+            return candidate
+    raise CallIndexError(f"callindex is installed without its {name}/ folder")
+
+
+def parse_named_blocks(source: str) -> dict[str, str]:
+    """Split a file of ``-- name --`` headed blocks into ``{name: sql}``."""
+    headers = list(_BLOCK_HEADER.finditer(source))
+    blocks: dict[str, str] = {}
+    for header, following in zip(headers, [*headers[1:], None], strict=True):
+        end = following.start() if following else len(source)
+        body = "\n".join(
+            line
+            for line in source[header.end() : end].strip().splitlines()
+            if not line.lstrip().startswith("--")
+        ).strip()
+        if header.group(1) in blocks:
+            raise CallIndexError(f"query {header.group(1)!r} is defined twice")
+        blocks[header.group(1)] = body.rstrip(";")
+    return blocks
+
+
+@functools.cache
+def queries() -> dict[str, TextClause]:
+    """The queries of ``sql/queries.sql``, compiled once per process."""
+    source = (resource_dir("sql") / "queries.sql").read_text(encoding="utf-8")
+    return {name: text(body) for name, body in parse_named_blocks(source).items()}

@@ -1,0 +1,88 @@
+"""The tables callindex owns, as SQLAlchemy Core metadata.
+
+The naming convention gives every constraint and index a stable name, so
+migrations, the plain SQL in ``sql/`` and the running database agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MAX_STATE_ID_LENGTH: Final = 255
+CALL_STATUSES: Final = ("pending", "success", "error", "abandoned")
+
+# Counter rows are updated in place many times; free space on each page lets
+# PostgreSQL keep every bump a HOT update (no index maintenance, less bloat).
+COUNTER_FILLFACTOR: Final = 20
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+_json = JSON().with_variant(JSONB(), "postgresql")
+
+call_index_counters = Table(
+    "call_index_counters",
+    metadata,
+    Column("state_id", Text, primary_key=True),
+    Column("next_index", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("next_index >= 0", name="next_index_non_negative"),
+    CheckConstraint(
+        f"length(state_id) BETWEEN 1 AND {MAX_STATE_ID_LENGTH}", name="state_id_length"
+    ),
+    postgresql_with={"fillfactor": COUNTER_FILLFACTOR},
+)
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_id", Text, primary_key=True),
+    Column(
+        "state_id",
+        Text,
+        ForeignKey(call_index_counters.c.state_id, ondelete="RESTRICT"),
+        nullable=False,
+    ),
+    Column("call_index", BigInteger, nullable=False),
+    Column("call_type", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("request", _json, nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("response", _json, nullable=True),
+    Column("response_hash", String(64), nullable=True),
+    Column("error", _json, nullable=True),
+    Column("error_hash", String(64), nullable=True),
+    Column("latency_ms", Float, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("state_id", "call_index"),
+    CheckConstraint("call_index >= 0", name="call_index_non_negative"),
+    CheckConstraint(
+        "status IN ({})".format(", ".join(f"'{s}'" for s in CALL_STATUSES)),
+        name="status_known",
+    ),
+)

@@ -1,0 +1,138 @@
+"""Fixtures: a fresh PostgreSQL database per test (cloned from a migrated
+template) and a fresh SQLite file per test, both at schema head.
+
+PostgreSQL comes from ``CALLINDEX_TEST_PG_URL`` (default: the local server).
+Under ``CI=true`` a missing server fails the run; elsewhere its tests skip
+with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import URL, Engine, create_engine, make_url, text
+
+from callindex import CallRecorder
+
+PG_URL = os.environ.get("CALLINDEX_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def _database_url(name: str) -> str:
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as error:
+        message = f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: {error}"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(f"SKIPPING POSTGRESQL TESTS: {message}")
+    yield engine
+    engine.dispose()
+
+
+def create_database(admin: Engine, template: str = "template0") -> str:
+    name = f"callindex_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    return name
+
+
+def drop_database(admin: Engine, name: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: Engine) -> Iterator[str]:
+    name = create_database(pg_admin)
+    recorder = CallRecorder(_database_url(name))
+    recorder.upgrade()
+    recorder.close()
+    yield name
+    drop_database(pg_admin, name)
+
+
+@pytest.fixture
+def postgresql_url(pg_admin: Engine, pg_template: str) -> Iterator[str]:
+    """A PostgreSQL database of its own, at schema head."""
+    name = create_database(pg_admin, template=pg_template)
+    yield _database_url(name)
+    drop_database(pg_admin, name)
+
+
+@pytest.fixture
+def postgresql_empty_url(pg_admin: Engine) -> Iterator[str]:
+    """A PostgreSQL database of its own, without any table."""
+    name = create_database(pg_admin)
+    yield _database_url(name)
+    drop_database(pg_admin, name)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    recorder = CallRecorder(f"sqlite:///{path}")
+    recorder.upgrade()
+    recorder.close()
+    return path
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A SQLite file of its own, at schema head."""
+    path = tmp_path / "callindex.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def sqlite_empty_url(tmp_path: Path) -> str:
+    """A SQLite file path where no database exists yet."""
+    return f"sqlite:///{tmp_path / 'empty.db'}"
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A database at schema head, once per backend."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_db_url(request: pytest.FixtureRequest) -> str:
+    """A database without callindex's schema, once per backend."""
+    url: str = request.getfixturevalue(f"{request.param}_empty_url")
+    return url
+
+
+@pytest.fixture
+def recorder(db_url: str) -> Iterator[CallRecorder]:
+    with CallRecorder(db_url) as recorder:
+        yield recorder
+
+
+def counter_value(url: str | URL, state_id: str) -> int | None:
+    """``next_index`` of a state read straight from the table (``None``: no row)."""
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        value = conn.execute(
+            text("SELECT next_index FROM call_index_counters WHERE state_id = :s"), {"s": state_id}
+        ).scalar_one_or_none()
+    return None if value is None else int(value)
+
+
+def counter_count(url: str | URL) -> int:
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM call_index_counters")).scalar_one())
