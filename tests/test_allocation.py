@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from callindex import CallRecorder, UnknownStateError
+
 from conftest import counter_value
 
 
@@ -112,8 +113,7 @@ def test_postgresql_function_shares_the_allocator(postgresql_url: str) -> None:
             assert conn.execute(text("SELECT callindex_allocate('s1')")).scalar_one() == 1
             assert conn.execute(text("SELECT callindex_allocate('s1', 5)")).scalar_one() == 2
             assert (
-                conn.execute(text("SELECT callindex_allocate(state_id => 's1')")).scalar_one()
-                == 7
+                conn.execute(text("SELECT callindex_allocate(state_id => 's1')")).scalar_one() == 7
             )
         assert recorder.allocate_call_index("s1") == 8
 
@@ -126,7 +126,9 @@ def test_postgresql_function_shares_the_allocator(postgresql_url: str) -> None:
         ("callindex_allocate('s1', NULL)", "count must be at least 1"),
     ],
 )
-def test_postgresql_function_refuses_bad_input(postgresql_url: str, call: str, message: str) -> None:
+def test_postgresql_function_refuses_bad_input(
+    postgresql_url: str, call: str, message: str
+) -> None:
     with CallRecorder(postgresql_url) as recorder:
         recorder.open_state("s1")
         with pytest.raises(Exception, match=message), recorder.engine.begin() as conn:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from callindex import CallRecorder
+
 from conftest import counter_value
 from workers import SPAWN, allocate_many, allocate_once, run_workers
 

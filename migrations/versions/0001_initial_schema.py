@@ -55,9 +55,12 @@ def upgrade() -> None:
         sa.Column(
             "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
         ),
-        sa.CheckConstraint("next_index >= 0", name=op.f("ck_call_index_counters_next_index_non_negative")),
         sa.CheckConstraint(
-            "length(state_id) BETWEEN 1 AND 255", name=op.f("ck_call_index_counters_state_id_length")
+            "next_index >= 0", name=op.f("ck_call_index_counters_next_index_non_negative")
+        ),
+        sa.CheckConstraint(
+            "length(state_id) BETWEEN 1 AND 255",
+            name=op.f("ck_call_index_counters_state_id_length"),
         ),
         sa.PrimaryKeyConstraint("state_id", name=op.f("pk_call_index_counters")),
         postgresql_with={"fillfactor": 20},
@@ -82,7 +85,8 @@ def upgrade() -> None:
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("call_index >= 0", name=op.f("ck_calls_call_index_non_negative")),
         sa.CheckConstraint(
-            "status IN ('pending', 'success', 'error', 'abandoned')", name=op.f("ck_calls_status_known")
+            "status IN ('pending', 'success', 'error', 'abandoned')",
+            name=op.f("ck_calls_status_known"),
         ),
         sa.ForeignKeyConstraint(
             ["state_id"],

@@ -28,7 +28,10 @@ _UPGRADE_LOCK_KEY: Final = 0x63616C6C  # "call"
 
 
 def alembic_config(
-    *, connection: Connection | None = None, url: str | None = None, output: io.StringIO | None = None
+    *,
+    connection: Connection | None = None,
+    url: str | None = None,
+    output: io.StringIO | None = None,
 ) -> Config:
     """An alembic :class:`Config` for callindex's migrations.
 
@@ -139,4 +142,3 @@ def check(db: Database) -> SchemaStatus:
         "(`pip install --upgrade callindex`), or run `callindex db downgrade "
         f"{status.head}` with the newer library installed"
     )
-

@@ -1,0 +1,69 @@
+BEGIN;
+
+CREATE TABLE callindex_alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT callindex_alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE TABLE call_index_counters (
+    state_id TEXT NOT NULL, 
+    next_index BIGINT DEFAULT '0' NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_call_index_counters PRIMARY KEY (state_id), 
+    CONSTRAINT ck_call_index_counters_next_index_non_negative CHECK (next_index >= 0), 
+    CONSTRAINT ck_call_index_counters_state_id_length CHECK (length(state_id) BETWEEN 1 AND 255)
+)
+ WITH (fillfactor = 20);
+
+CREATE TABLE calls (
+    call_id TEXT NOT NULL, 
+    state_id TEXT NOT NULL, 
+    call_index BIGINT NOT NULL, 
+    call_type VARCHAR(64) NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    request JSONB, 
+    request_hash VARCHAR(64), 
+    response JSONB, 
+    response_hash VARCHAR(64), 
+    error JSONB, 
+    error_hash VARCHAR(64), 
+    latency_ms FLOAT, 
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    completed_at TIMESTAMP WITH TIME ZONE, 
+    CONSTRAINT pk_calls PRIMARY KEY (call_id), 
+    CONSTRAINT ck_calls_call_index_non_negative CHECK (call_index >= 0), 
+    CONSTRAINT ck_calls_status_known CHECK (status IN ('pending', 'success', 'error', 'abandoned')), 
+    CONSTRAINT fk_calls_state_id_call_index_counters FOREIGN KEY(state_id) REFERENCES call_index_counters (state_id) ON DELETE RESTRICT, 
+    CONSTRAINT uq_calls_state_id_call_index UNIQUE (state_id, call_index)
+);
+
+CREATE FUNCTION callindex_allocate(state_id text, count integer DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    first_index bigint;
+BEGIN
+    IF callindex_allocate.count IS NULL OR callindex_allocate.count < 1 THEN
+        RAISE EXCEPTION 'callindex_allocate: count must be at least 1, not %',
+            callindex_allocate.count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE call_index_counters AS counters
+    SET next_index = counters.next_index + callindex_allocate.count
+    WHERE counters.state_id = callindex_allocate.state_id
+    RETURNING counters.next_index - callindex_allocate.count INTO first_index;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'callindex_allocate: unknown state %', callindex_allocate.state_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN first_index;
+END;
+$$;
+
+INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING callindex_alembic_version.version_num;
+
+COMMIT;
+

@@ -1,0 +1,44 @@
+BEGIN;
+
+CREATE TABLE callindex_alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT callindex_alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE TABLE call_index_counters (
+    state_id TEXT NOT NULL, 
+    next_index BIGINT DEFAULT '0' NOT NULL, 
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+    CONSTRAINT pk_call_index_counters PRIMARY KEY (state_id), 
+    CONSTRAINT ck_call_index_counters_next_index_non_negative CHECK (next_index >= 0), 
+    CONSTRAINT ck_call_index_counters_state_id_length CHECK (length(state_id) BETWEEN 1 AND 255)
+);
+
+CREATE TABLE calls (
+    call_id TEXT NOT NULL, 
+    state_id TEXT NOT NULL, 
+    call_index BIGINT NOT NULL, 
+    call_type VARCHAR(64) NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    request JSON, 
+    request_hash VARCHAR(64), 
+    response JSON, 
+    response_hash VARCHAR(64), 
+    error JSON, 
+    error_hash VARCHAR(64), 
+    latency_ms FLOAT, 
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+    completed_at DATETIME, 
+    CONSTRAINT pk_calls PRIMARY KEY (call_id), 
+    CONSTRAINT ck_calls_call_index_non_negative CHECK (call_index >= 0), 
+    CONSTRAINT ck_calls_status_known CHECK (status IN ('pending', 'success', 'error', 'abandoned')), 
+    CONSTRAINT fk_calls_state_id_call_index_counters FOREIGN KEY(state_id) REFERENCES call_index_counters (state_id) ON DELETE RESTRICT, 
+    CONSTRAINT uq_calls_state_id_call_index UNIQUE (state_id, call_index)
+);
+
+INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING version_num;
+
+COMMIT;
+

@@ -1,0 +1,126 @@
+"""Bad input: a typed error (rooted in CallIndexError), and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callindex import (
+    CallIndexError,
+    CallRecorder,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    InvalidCountError,
+    InvalidStateIdError,
+    SchemaMissingError,
+)
+from callindex.allocator import MAX_COUNT
+from callindex.schema import MAX_STATE_ID_LENGTH
+
+from conftest import counter_count, counter_value
+
+BAD_STATE_IDS = [
+    pytest.param("", id="empty"),
+    pytest.param(None, id="none"),
+    pytest.param(42, id="int"),
+    pytest.param(b"s1", id="bytes"),
+    pytest.param("x" * (MAX_STATE_ID_LENGTH + 1), id="too-long"),
+    pytest.param("a\x00b", id="nul"),
+    pytest.param("a\ud800b", id="lone-surrogate"),
+]
+BAD_COUNTS = [
+    pytest.param(0, id="zero"),
+    pytest.param(-1, id="negative"),
+    pytest.param(MAX_COUNT + 1, id="absurdly-large"),
+    pytest.param(2**63, id="beyond-bigint"),
+    pytest.param(1.0, id="float"),
+    pytest.param("3", id="string"),
+    pytest.param(True, id="bool"),
+    pytest.param(None, id="none"),
+]
+
+
+@pytest.mark.parametrize("state_id", BAD_STATE_IDS)
+def test_open_state_refuses_a_bad_state_id(
+    recorder: CallRecorder, db_url: str, state_id: object
+) -> None:
+    with pytest.raises(InvalidStateIdError):
+        recorder.open_state(state_id)  # type: ignore[arg-type]
+    assert counter_count(db_url) == 0
+
+
+@pytest.mark.parametrize("state_id", BAD_STATE_IDS)
+def test_allocate_refuses_a_bad_state_id(recorder: CallRecorder, state_id: object) -> None:
+    with pytest.raises(InvalidStateIdError) as raised:
+        recorder.allocate_call_index(state_id)  # type: ignore[arg-type]
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize("count", BAD_COUNTS)
+def test_allocate_refuses_a_bad_count(recorder: CallRecorder, db_url: str, count: object) -> None:
+    recorder.open_state("s1")
+    with pytest.raises(InvalidCountError):
+        recorder.allocate_call_index("s1", count)  # type: ignore[arg-type]
+    assert counter_value(db_url, "s1") == 0
+
+
+def test_the_longest_allowed_state_id_works(recorder: CallRecorder) -> None:
+    state_id = "é" * MAX_STATE_ID_LENGTH
+    recorder.open_state(state_id)
+    assert recorder.allocate_call_index(state_id) == 0
+
+
+def test_a_database_without_the_schema_says_to_upgrade(empty_db_url: str) -> None:
+    with CallRecorder(empty_db_url) as recorder:
+        for attempt in (
+            lambda: recorder.open_state("s1"),
+            lambda: recorder.allocate_call_index("s1"),
+        ):
+            with pytest.raises(SchemaMissingError, match="callindex db upgrade"):
+                attempt()
+
+
+def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "absent.db"
+    with CallRecorder(f"sqlite:///{path}") as recorder, pytest.raises(SchemaMissingError):
+        recorder.open_state("s1")
+    assert not path.exists()
+
+
+def test_an_unreachable_server_raises_database_unavailable_without_the_password() -> None:
+    url = "postgresql+psycopg://someone:hunter2-secret@127.0.0.1:1/nowhere?connect_timeout=2"
+    with CallRecorder(url) as recorder, pytest.raises(DatabaseUnavailableError) as raised:
+        recorder.allocate_call_index("s1")
+    assert "hunter2-secret" not in str(raised.value)
+    assert "hunter2-secret" not in repr(recorder)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "not a database URL"),
+        ("mysql://u:hunter2-secret@localhost/db", "unsupported database 'mysql'"),
+        ("postgresql+asyncpg://localhost/db", "unsupported PostgreSQL driver"),
+        ("sqlite://", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+    ],
+)
+def test_a_bad_url_raises_configuration_error(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        CallRecorder(url)
+    assert "hunter2-secret" not in str(raised.value)
+
+
+def test_every_error_shares_one_base_class() -> None:
+    import callindex.errors as errors
+
+    types = [
+        obj
+        for obj in vars(errors).values()
+        if isinstance(obj, type)
+        and issubclass(obj, Exception)
+        and obj.__module__ == errors.__name__
+    ]
+    assert len(types) > 5
+    assert all(issubclass(t, CallIndexError) for t in types)

@@ -1,0 +1,120 @@
+"""The `callindex` command: scripts can rely on its output and exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from callindex import migrations
+from callindex.cli import cli
+
+UNREACHABLE = "postgresql+psycopg://someone:hunter2-secret@127.0.0.1:1/x?connect_timeout=2"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_upgrade_open_allocate(empty_db_url: str) -> None:
+    assert run("--db", empty_db_url, "db", "upgrade").exit_code == 0
+    assert run("--db", empty_db_url, "state", "open", "s1").exit_code == 0
+    assert run("--db", empty_db_url, "allocate", "s1").stdout == "0\n"
+    assert run("--db", empty_db_url, "allocate", "s1", "--count", "10").stdout == "1\n"
+    assert run("--db", empty_db_url, "allocate", "s1").stdout == "11\n"
+
+
+def test_db_current_check_and_downgrade(empty_db_url: str) -> None:
+    head = migrations.head_revision()
+    assert run("--db", empty_db_url, "db", "current").stdout == "none\n"
+    assert run("--db", empty_db_url, "db", "check").exit_code == 1
+    run("--db", empty_db_url, "db", "upgrade")
+    assert run("--db", empty_db_url, "db", "current").stdout == f"{head}\n"
+    checked = run("--db", empty_db_url, "db", "check")
+    assert (checked.exit_code, checked.stdout) == (0, f"up to date at revision {head}\n")
+    assert run("--db", empty_db_url, "db", "downgrade", "base").exit_code == 0
+    assert run("--db", empty_db_url, "db", "current").stdout == "none\n"
+
+
+def test_upgrade_sql_prints_without_connecting() -> None:
+    result = run("--db", UNREACHABLE, "db", "upgrade", "--sql")
+    assert result.exit_code == 0
+    assert "CREATE TABLE call_index_counters" in result.stdout
+    assert "CREATE FUNCTION callindex_allocate" in result.stdout
+    assert "hunter2-secret" not in result.stdout
+
+
+def test_database_url_comes_from_the_environment(sqlite_url: str) -> None:
+    env = {"CALLINDEX_DATABASE_URL": sqlite_url}
+    run("state", "open", "from-env", env=env)
+    assert run("allocate", "from-env", env=env).stdout == "0\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["allocate", "nope"], "unknown state 'nope'"),
+        (["allocate", "s1", "--count", "0"], "count must be between 1"),
+        (["state", "open", ""], "state_id must not be empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(sqlite_url: str, args: list[str], message: str) -> None:
+    run("--db", sqlite_url, "state", "open", "s1")
+    result = run("--db", sqlite_url, *args)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("nonsense", "not a database URL"),
+        ("mysql://u:hunter2-secret@h/db", "unsupported database"),
+        (UNREACHABLE, "cannot reach the database"),
+    ],
+)
+def test_bad_database_is_one_line_and_exit_1(url: str, message: str) -> None:
+    result = run("--db", url, "allocate", "s1")
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert "hunter2-secret" not in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_count_that_is_not_a_number_is_a_usage_error(sqlite_url: str) -> None:
+    result = run("--db", sqlite_url, "allocate", "s1", "--count", "many")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_installed_command_from_a_clean_folder(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The README's first steps, through the installed console script."""
+    executable = shutil.which("callindex", path=str(Path(sys.executable).parent))
+    assert executable, "the callindex console script is not installed beside this Python"
+    env = {k: v for k, v in os.environ.items() if k != "CALLINDEX_DATABASE_URL"}
+    if backend == "postgresql":
+        env["CALLINDEX_DATABASE_URL"] = request.getfixturevalue("postgresql_empty_url")
+
+    def callindex(*args: str) -> str:
+        done = subprocess.run(
+            [executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        return done.stdout
+
+    callindex("db", "upgrade")
+    callindex("state", "open", "s1")
+    assert callindex("allocate", "s1") == "0\n"
+    assert callindex("allocate", "s1") == "1\n"
+    if backend == "sqlite":
+        assert (tmp_path / "callindex.db").exists()  # the default database
