@@ -65,5 +65,40 @@ $$;
 
 INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING callindex_alembic_version.version_num;
 
+-- Running upgrade 0001 -> 0002
+
+CREATE INDEX ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
+
+CREATE FUNCTION callindex_guard_calls() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'callindex: call % cannot be deleted: the audit trail is append-only',
+            OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    IF OLD.status <> 'pending' THEN
+        RAISE EXCEPTION 'callindex: call % is %, and a finished call cannot be changed',
+            OLD.call_id, OLD.status USING ERRCODE = 'CX001';
+    END IF;
+    IF NEW.status = 'pending'
+       OR NEW.call_id IS DISTINCT FROM OLD.call_id
+       OR NEW.state_id IS DISTINCT FROM OLD.state_id
+       OR NEW.call_index IS DISTINCT FROM OLD.call_index
+       OR NEW.call_type IS DISTINCT FROM OLD.call_type
+       OR NEW.request IS DISTINCT FROM OLD.request
+       OR NEW.request_hash IS DISTINCT FROM OLD.request_hash
+       OR NEW.created_at IS DISTINCT FROM OLD.created_at THEN
+        RAISE EXCEPTION 'callindex: pending call % may only be finished or abandoned',
+            OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER callindex_guard_calls BEFORE UPDATE OR DELETE ON calls FOR EACH ROW EXECUTE FUNCTION callindex_guard_calls();
+
+UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';
+
 COMMIT;
 

@@ -1,5 +1,7 @@
 -- The queries callindex runs, one named block each ("-- name --").
--- Parameters use the :name form; every block runs unchanged on PostgreSQL and SQLite.
+-- This file holds the blocks that run unchanged on PostgreSQL and SQLite;
+-- queries.postgresql.sql and queries.sqlite.sql hold the rest, under the same names.
+-- Parameters use the :name form.
 
 -- open_state --
 -- Create the counter row of a state; a no-op when it already exists.
@@ -14,3 +16,78 @@ UPDATE call_index_counters
 SET next_index = next_index + :count
 WHERE state_id = :state_id
 RETURNING next_index - :count AS first_index;
+
+-- find_call --
+SELECT call_id, state_id, call_index, call_type, status,
+       request, request_hash, response, response_hash, error, error_hash,
+       latency_ms, created_at, completed_at
+FROM calls
+WHERE call_id = :call_id;
+
+-- calls_of_state --
+SELECT call_id, state_id, call_index, call_type, status,
+       request, request_hash, response, response_hash, error, error_hash,
+       latency_ms, created_at, completed_at
+FROM calls
+WHERE state_id = :state_id
+ORDER BY call_index;
+
+-- repair_counters --
+-- Move every counter that is behind its calls to max(call_index) + 1.
+UPDATE call_index_counters
+SET next_index = recorded.next_index
+FROM (
+    SELECT state_id, max(call_index) + 1 AS next_index
+    FROM calls
+    GROUP BY state_id
+) AS recorded
+WHERE call_index_counters.state_id = recorded.state_id
+  AND call_index_counters.next_index < recorded.next_index
+RETURNING call_index_counters.state_id, call_index_counters.next_index;
+
+-- duplicate_indices --
+-- Impossible while UNIQUE(state_id, call_index) stands; checked all the same.
+SELECT state_id, call_index, count(*) AS copies
+FROM calls
+GROUP BY state_id, call_index
+HAVING count(*) > 1
+ORDER BY state_id, call_index;
+
+-- counters_behind --
+SELECT counters.state_id, counters.next_index, recorded.max_index
+FROM call_index_counters AS counters
+JOIN (
+    SELECT state_id, max(call_index) AS max_index FROM calls GROUP BY state_id
+) AS recorded ON recorded.state_id = counters.state_id
+WHERE counters.next_index <= recorded.max_index
+ORDER BY counters.state_id;
+
+-- index_gaps --
+-- Missing indices below the highest recorded call of each state.
+SELECT state_id, previous_index + 1 AS first_missing, call_index - 1 AS last_missing
+FROM (
+    SELECT state_id, call_index,
+           lag(call_index, 1, -1) OVER (PARTITION BY state_id ORDER BY call_index)
+               AS previous_index
+    FROM calls
+) AS ordered
+WHERE call_index > previous_index + 1
+ORDER BY state_id, first_missing;
+
+-- unused_reservations --
+-- Indices a counter handed out above the highest recorded call of its state.
+SELECT counters.state_id,
+       coalesce(recorded.max_index, -1) + 1 AS first_unused,
+       counters.next_index - 1 AS last_unused
+FROM call_index_counters AS counters
+LEFT JOIN (
+    SELECT state_id, max(call_index) AS max_index FROM calls GROUP BY state_id
+) AS recorded ON recorded.state_id = counters.state_id
+WHERE counters.next_index > coalesce(recorded.max_index, -1) + 1
+ORDER BY counters.state_id;
+
+-- status_counts --
+SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
+
+-- state_count --
+SELECT count(*) FROM call_index_counters;

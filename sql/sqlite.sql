@@ -10,7 +10,7 @@ CREATE TABLE callindex_alembic_version (
 CREATE TABLE call_index_counters (
     state_id TEXT NOT NULL, 
     next_index BIGINT DEFAULT '0' NOT NULL, 
-    created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+    created_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
     CONSTRAINT pk_call_index_counters PRIMARY KEY (state_id), 
     CONSTRAINT ck_call_index_counters_next_index_non_negative CHECK (next_index >= 0), 
     CONSTRAINT ck_call_index_counters_state_id_length CHECK (length(state_id) BETWEEN 1 AND 255)
@@ -29,7 +29,7 @@ CREATE TABLE calls (
     error JSON, 
     error_hash VARCHAR(64), 
     latency_ms FLOAT, 
-    created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+    created_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
     completed_at DATETIME, 
     CONSTRAINT pk_calls PRIMARY KEY (call_id), 
     CONSTRAINT ck_calls_call_index_non_negative CHECK (call_index >= 0), 
@@ -39,6 +39,31 @@ CREATE TABLE calls (
 );
 
 INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING version_num;
+
+-- Running upgrade 0001 -> 0002
+
+CREATE INDEX ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
+
+CREATE TRIGGER callindex_guard_calls_delete BEFORE DELETE ON calls
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a call cannot be deleted: the audit trail is append-only');
+END;
+
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
+WHEN OLD.status <> 'pending'
+     OR NEW.status = 'pending'
+     OR NEW.call_id IS NOT OLD.call_id
+     OR NEW.state_id IS NOT OLD.state_id
+     OR NEW.call_index IS NOT OLD.call_index
+     OR NEW.call_type IS NOT OLD.call_type
+     OR NEW.request IS NOT OLD.request
+     OR NEW.request_hash IS NOT OLD.request_hash
+     OR NEW.created_at IS NOT OLD.created_at
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a finished call cannot be changed; a pending call may only be finished or abandoned');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';
 
 COMMIT;
 

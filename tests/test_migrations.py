@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, make_url, text
 
 import callindex
@@ -120,11 +121,17 @@ class TestCheck:
         with pytest.raises(SchemaMissingError, match="`callindex db upgrade`"):
             migrations.check(Database(empty_db_url))
 
-    def test_behind_says_to_upgrade(self, empty_db_url: str) -> None:
+    def test_base_says_to_upgrade(self, empty_db_url: str) -> None:
         db = Database(empty_db_url)
         migrations.upgrade(db)
         migrations.downgrade(db, "base")
         with pytest.raises(SchemaMissingError, match="`callindex db upgrade`"):
+            migrations.check(db)
+
+    def test_behind_says_to_upgrade(self, empty_db_url: str) -> None:
+        db = Database(empty_db_url)
+        migrations.upgrade(db, "0001")
+        with pytest.raises(SchemaVersionError, match="behind .* run `callindex db upgrade`"):
             migrations.check(db)
 
     def test_ahead_says_to_upgrade_the_library(self, db_url: str) -> None:
@@ -150,3 +157,47 @@ def test_installed_package_carries_its_migrations_and_sql() -> None:
             if "__pycache__" not in p.parts
         }
         assert shipped == source
+
+
+def test_every_upgrade_and_downgrade_keeps_the_data(empty_db_url: str) -> None:
+    """From each revision to head and back, rows and indices are preserved."""
+    db = Database(empty_db_url)
+    revisions = [
+        s.revision
+        for s in reversed(
+            list(ScriptDirectory.from_config(migrations.alembic_config()).walk_revisions())
+        )
+    ]
+    migrations.upgrade(db, revisions[0])
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO call_index_counters (state_id, next_index) VALUES ('s', 2)"))
+        conn.execute(
+            text(
+                "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                "VALUES ('c0', 's', 0, 'http', 'success'), ('c1', 's', 1, 'llm', 'pending')"
+            )
+        )
+
+    def snapshot() -> list[tuple[object, ...]]:
+        with db.engine.connect() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    text(
+                        "SELECT call_id, state_id, call_index, call_type, status FROM calls "
+                        "ORDER BY call_index"
+                    )
+                )
+            ]
+
+    before = snapshot()
+    for revision in revisions[1:]:
+        migrations.upgrade(db, revision)
+        assert snapshot() == before
+    for revision in reversed(revisions[:-1]):
+        migrations.downgrade(db, revision)
+        assert snapshot() == before
+    migrations.upgrade(db)
+    with CallRecorder(empty_db_url) as recorder:
+        assert recorder.record_call("s", "http", "success", {}).call_index == 2
+    db.dispose()

@@ -47,13 +47,20 @@ $$
 """
 
 
+def _now() -> sa.TextClause:
+    # SQLite's CURRENT_TIMESTAMP has whole seconds only; keep milliseconds.
+    if op.get_context().dialect.name == "sqlite":
+        return sa.text("(strftime('%Y-%m-%d %H:%M:%f', 'now'))")
+    return sa.text("now()")
+
+
 def upgrade() -> None:
     op.create_table(
         "call_index_counters",
         sa.Column("state_id", sa.Text(), nullable=False),
         sa.Column("next_index", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+            "created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False
         ),
         sa.CheckConstraint(
             "next_index >= 0", name=op.f("ck_call_index_counters_next_index_non_negative")
@@ -80,7 +87,7 @@ def upgrade() -> None:
         sa.Column("error_hash", sa.String(length=64), nullable=True),
         sa.Column("latency_ms", sa.Float(), nullable=True),
         sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+            "created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False
         ),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("call_index >= 0", name=op.f("ck_calls_call_index_non_negative")),

@@ -7,12 +7,13 @@ caller decides which transaction it belongs to.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from sqlalchemy import Connection
 
+from callindex.database import Database
 from callindex.errors import InvalidCountError, InvalidStateIdError, UnknownStateError
-from callindex.resources import queries
 from callindex.schema import MAX_STATE_ID_LENGTH
 
 MAX_COUNT: Final = 1_000_000
@@ -46,16 +47,30 @@ def validate_count(count: object) -> int:
     return count
 
 
-def open_state(connection: Connection, state_id: str) -> None:
+def open_state(db: Database, connection: Connection, state_id: str) -> None:
     """Create the counter row of ``state_id`` unless it exists."""
-    connection.execute(queries()["open_state"], {"state_id": state_id})
+    connection.execute(db.queries["open_state"], {"state_id": state_id})
 
 
-def allocate(connection: Connection, state_id: str, count: int) -> int:
+def allocate(db: Database, connection: Connection, state_id: str, count: int) -> int:
     """Reserve ``count`` consecutive indices of ``state_id`` and return the first."""
     first = connection.execute(
-        queries()["allocate_call_index"], {"state_id": state_id, "count": count}
+        db.queries["allocate_call_index"], {"state_id": state_id, "count": count}
     ).scalar_one_or_none()
     if first is None:
         raise UnknownStateError(state_id)
     return int(first)
+
+
+def allocate_many(
+    db: Database, connection: Connection, counts: Mapping[str, int]
+) -> dict[str, int]:
+    """Reserve ``counts[state_id]`` indices for each state, in one transaction.
+
+    Counter rows are locked in sorted ``state_id`` order, the same order for
+    every caller, so two transactions that share states can never deadlock.
+    """
+    return {
+        state_id: allocate(db, connection, state_id, counts[state_id])
+        for state_id in sorted(counts)
+    }

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.table import Table
 
-from callindex import migrations
+from callindex import audit, migrations
 from callindex.database import DEFAULT_URL, URL_ENVIRONMENT_VARIABLE, Database
 from callindex.errors import CallIndexError
 from callindex.recorder import CallRecorder
@@ -24,6 +27,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CallIndexError as error:
             raise click.ClickException(str(error)) from error
+
+
+def _stdout() -> Console:
+    # Piped output is not cut to 80 columns.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _url(ctx: click.Context) -> str:
@@ -114,6 +122,124 @@ def allocate(ctx: click.Context, state_id: str, count: int) -> None:
     """Reserve indices of STATE and print the first, as a bare integer."""
     with CallRecorder(_url(ctx)) as recorder:
         click.echo(recorder.allocate_call_index(state_id, count))
+
+
+@cli.command("calls")
+@click.argument("state_id", metavar="STATE")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def calls_command(ctx: click.Context, state_id: str, as_json: bool) -> None:
+    """List the calls of STATE in index order."""
+    with CallRecorder(_url(ctx)) as recorder:
+        recorded = recorder.calls(state_id)
+    if as_json:
+        click.echo(json.dumps([call.as_json() for call in recorded], indent=2))
+        return
+    table = Table("index", "type", "status", "latency ms", "created", "call id")
+    for call in recorded:
+        latency = "" if call.latency_ms is None else f"{call.latency_ms:.1f}"
+        table.add_row(
+            str(call.call_index),
+            call.call_type,
+            call.status,
+            latency,
+            call.created_at.isoformat(timespec="milliseconds"),
+            call.call_id,
+        )
+    _stdout().print(table)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return audit.parse_duration(value)
+    except CallIndexError as error:
+        raise click.BadParameter(str(error), ctx, param) from error
+
+
+@cli.command()
+@click.option(
+    "--pending-older-than",
+    metavar="DURATION",
+    callback=_duration,
+    default="15m",
+    show_default=True,
+    help="Report pending calls at least this old (90s, 15m, 2h).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, pending_older_than: float, as_json: bool) -> None:
+    """Check the audit trail's invariants; exit 1 on a violation."""
+    with CallRecorder(_url(ctx)) as recorder:
+        report = recorder.verify(pending_older_than)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_report(report)
+    if not report.ok:
+        ctx.exit(1)
+
+
+def _print_report(report: audit.Report) -> None:
+    console = _stdout()
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(report.calls_by_status.items()))
+    console.print(f"{report.states} states; calls: {statuses or 'none'}")
+    checks = [
+        ("duplicate (state, index) pairs", report.duplicates, True),
+        ("counters behind their calls (run `callindex repair`)", report.counters_behind, True),
+        ("gaps between recorded calls", report.gaps, False),
+        ("reserved indices above the last call", report.unused_reservations, False),
+        (
+            f"pending calls older than {report.pending_threshold_seconds:g}s "
+            "(run `callindex sweep`)",
+            report.stale_pending,
+            False,
+        ),
+    ]
+    for label, found, violation in checks:
+        mark = (
+            "[red]FAIL[/]"
+            if found and violation
+            else "[yellow]note[/]"
+            if found
+            else "[green]ok[/]"
+        )
+        console.print(f"{mark}  {len(found)} {label}")
+        for item in found[:10]:
+            console.print("      " + ", ".join(f"{k}={v}" for k, v in item.items()))
+        if len(found) > 10:
+            console.print(f"      ... and {len(found) - 10} more (use --json for all)")
+    if report.gaps or report.unused_reservations:
+        console.print(f"gaps: {audit.GAP_CAUSE}")
+    console.print("[green]verify: ok[/]" if report.ok else "[red]verify: FAILED[/]")
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    callback=_duration,
+    required=True,
+    help="Age of pending calls to abandon (90s, 15m, 2h).",
+)
+@click.pass_context
+def sweep(ctx: click.Context, older_than: float) -> None:
+    """Mark pending calls at least DURATION old as abandoned (their worker died)."""
+    with CallRecorder(_url(ctx)) as recorder:
+        swept = recorder.sweep(older_than)
+    for call in swept:
+        click.echo(f"abandoned {call['state_id']}#{call['call_index']} ({call['call_id']})")
+    _stderr.print(f"{len(swept)} pending calls marked abandoned")
+
+
+@cli.command()
+@click.pass_context
+def repair(ctx: click.Context) -> None:
+    """Move counters that are behind their calls past the highest recorded index."""
+    with CallRecorder(_url(ctx)) as recorder:
+        moved = recorder.repair()
+    for state in moved:
+        click.echo(f"{state['state_id']}: next_index is now {state['next_index']}")
+    _stderr.print(f"{len(moved)} counters repaired")
 
 
 def main() -> None:

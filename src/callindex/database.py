@@ -28,10 +28,14 @@ from callindex.errors import (
     CallIndexError,
     ConfigurationError,
     ContentionError,
+    CounterBehindError,
     DatabaseError,
     DatabaseUnavailableError,
+    ImmutableCallError,
     SchemaMissingError,
 )
+from callindex.resources import queries
+from callindex.retry import DatabaseRetryPolicy
 
 T = TypeVar("T")
 
@@ -40,6 +44,8 @@ URL_ENVIRONMENT_VARIABLE: Final = "CALLINDEX_DATABASE_URL"
 SQLITE_BUSY_TIMEOUT_SECONDS: Final = 10.0
 POSTGRESQL_CONNECT_TIMEOUT_SECONDS: Final = 10
 
+_UNIQUE_VIOLATION: Final = "23505"
+_CALL_GUARD: Final = "CX001"  # raised by the callindex_guard_calls trigger
 _UNDEFINED_TABLE: Final = "42P01"
 _UNDEFINED_FUNCTION: Final = "42883"
 _CONTENTION_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
@@ -150,7 +156,10 @@ def build_engine(url: str | URL) -> Engine:
 class Database:
     """One database, its engine, and the transactions callindex runs in it."""
 
-    def __init__(self, url_or_engine: str | URL | Engine) -> None:
+    def __init__(
+        self, url_or_engine: str | URL | Engine, retry: DatabaseRetryPolicy | None = None
+    ) -> None:
+        self.retry = retry or DatabaseRetryPolicy()
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
             self.display_url = self.engine.url.render_as_string(hide_password=True)
@@ -161,6 +170,7 @@ class Database:
             self.engine = build_engine(url_or_engine)
             self.display_url = parse_url(url_or_engine).render_as_string(hide_password=True)
         self.backend: str = self.engine.dialect.name
+        self.queries = queries(self.backend)
         # A single statement commits by itself in autocommit mode: one round
         # trip on PostgreSQL instead of BEGIN, statement, COMMIT.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -183,23 +193,34 @@ class Database:
         """Run ``work`` in a write transaction and return its result.
 
         With ``connection``, ``work`` joins the caller's transaction, which the
-        caller commits or rolls back. Otherwise callindex commits before
-        returning; ``single_statement`` declares that ``work`` runs exactly one
-        statement, which may then commit by itself where the backend allows.
+        caller commits or rolls back, and is not retried. Otherwise callindex
+        commits before returning and retries the whole transaction under the
+        retry policy, so ``work`` must be safe to repeat. ``single_statement``
+        declares that ``work`` runs exactly one statement, which may then
+        commit by itself where the backend allows.
         """
-        with self.translated_errors():
-            if connection is not None:
+        if connection is not None:
+            with self.translated_errors():
                 return work(connection)
-            if single_statement and self.backend == "postgresql":
-                with self._autocommit_engine.connect() as autocommit:
-                    return work(autocommit)
-            with self.engine.begin() as transaction:
-                return work(transaction)
+
+        def attempt() -> T:
+            with self.translated_errors():
+                if single_statement and self.backend == "postgresql":
+                    with self._autocommit_engine.connect() as autocommit:
+                        return work(autocommit)
+                with self.engine.begin() as transaction:
+                    return work(transaction)
+
+        return self.retry.call(attempt)
 
     def read(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in a transaction that is rolled back afterwards."""
-        with self.translated_errors(), self.engine.connect() as conn:
-            return work(conn)
+        """Run ``work`` in a transaction that is rolled back afterwards (retried)."""
+
+        def attempt() -> T:
+            with self.translated_errors(), self.engine.connect() as conn:
+                return work(conn)
+
+        return self.retry.call(attempt)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -226,6 +247,10 @@ class Database:
             return SchemaMissingError(
                 f"the callindex schema is missing from {where}: run `callindex db upgrade`"
             )
+        if sqlstate == _CALL_GUARD or detail.startswith("callindex: "):
+            return ImmutableCallError(detail)
+        if isinstance(error, exc.IntegrityError):
+            return self._translate_integrity(error, detail)
         if sqlstate in _CONTENTION_SQLSTATES or sqlite_code in _SQLITE_BUSY_CODES:
             return ContentionError(f"the database stayed busy ({detail}) on {where}")
         if (
@@ -243,3 +268,17 @@ class Database:
                 )
             return DatabaseUnavailableError(f"cannot open the database {where}: {detail}")
         return DatabaseError(f"{type(original).__name__}: {detail} (on {where})")
+
+    def _translate_integrity(self, error: exc.IntegrityError, detail: str) -> CallIndexError:
+        diagnostics = getattr(error.orig, "diag", None)
+        constraint = getattr(diagnostics, "constraint_name", None) or ""
+        if constraint == "uq_calls_state_id_call_index" or "calls.call_index" in detail:
+            return CounterBehindError(
+                "a call index collided with a recorded call: the state's counter is behind "
+                "its calls (calls were written without the allocator); run `callindex repair`"
+            )
+        if constraint == "pk_calls" or "calls.call_id" in detail:
+            # The same call_id, recorded by a concurrent attempt that committed
+            # first. This statement rolled back whole; retrying finds that call.
+            return ContentionError("the same call_id was being recorded concurrently")
+        return DatabaseError(f"integrity error: {detail}")

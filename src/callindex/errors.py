@@ -8,15 +8,23 @@ Hierarchy::
     CallIndexError
     ├── InvalidInputError          (also a ValueError)
     │   ├── InvalidStateIdError
-    │   └── InvalidCountError
+    │   ├── InvalidCountError
+    │   ├── InvalidCallError       call_id, call_type, status or latency_ms refused
+    │   └── InvalidPayloadError    not JSON, NUL character, lone surrogate
+    │       └── PayloadTooLargeError
     ├── UnknownStateError          (also a LookupError)
+    ├── UnknownCallError           (also a LookupError)
+    ├── CallAlreadyFinishedError   finish_call on a finished or abandoned call
+    ├── CallIdConflictError        a call_id reused for a different call
     ├── ConfigurationError         bad database URL, unsupported backend
     ├── SchemaError
     │   ├── SchemaMissingError     the tables are not there: run `callindex db upgrade`
     │   └── SchemaVersionError     the database is behind or ahead of this library
     └── DatabaseError
         ├── DatabaseUnavailableError   server unreachable, connection lost, shutting down
-        └── ContentionError            lock or busy timeout, serialization failure, deadlock
+        ├── ContentionError            lock or busy timeout, serialization failure, deadlock
+        ├── CounterBehindError         a counter is behind its calls: run `callindex repair`
+        └── ImmutableCallError         the database refused to change or delete a call
 """
 
 from __future__ import annotations
@@ -49,6 +57,34 @@ class UnknownStateError(CallIndexError, LookupError):
         self.state_id = state_id
 
 
+class InvalidCallError(InvalidInputError):
+    """A ``call_id``, ``call_type``, ``status`` or ``latency_ms`` that is not allowed."""
+
+
+class InvalidPayloadError(InvalidInputError):
+    """A request, response or error payload that cannot be recorded as JSON."""
+
+
+class PayloadTooLargeError(InvalidPayloadError):
+    """A payload whose canonical JSON exceeds the documented size limit."""
+
+
+class UnknownCallError(CallIndexError, LookupError):
+    """No call with this ``call_id`` was recorded."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"unknown call {call_id!r}")
+        self.call_id = call_id
+
+
+class CallAlreadyFinishedError(CallIndexError):
+    """The call is no longer pending: it was finished differently, or abandoned."""
+
+
+class CallIdConflictError(CallIndexError):
+    """A ``call_id`` already names a different call (other state, type or request)."""
+
+
 class ConfigurationError(CallIndexError):
     """The database URL or another setting is unusable."""
 
@@ -75,3 +111,15 @@ class DatabaseUnavailableError(DatabaseError):
 
 class ContentionError(DatabaseError):
     """The database stayed locked or kept aborting the transaction for contention."""
+
+
+class CounterBehindError(DatabaseError):
+    """An index collided with a recorded call: the state's counter is behind its calls.
+
+    Something wrote calls without the allocator. Never retried;
+    ``callindex repair`` moves the counter past the recorded calls.
+    """
+
+
+class ImmutableCallError(DatabaseError):
+    """The database refused to change or delete a call (finished calls are immutable)."""

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy import URL, Connection, Engine
 
-from callindex import allocator, migrations
+from callindex import allocator, audit, calls, migrations, payloads
+from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
+from callindex.retry import DatabaseRetryPolicy
 
 
 class CallRecorder:
-    """Allocates call indices for node states, in the database.
+    """Allocates call indices and records calls, in the database.
 
     ``url_or_engine`` is a database URL (``postgresql+psycopg://...`` or
     ``sqlite:///file.db``) or an SQLAlchemy :class:`~sqlalchemy.Engine` for one.
+    ``retry`` bounds how long transient database failures are retried.
     A recorder holds no per-state data: any number of recorders, in any number
     of processes, may work on the same states at once.
     """
 
-    def __init__(self, url_or_engine: str | URL | Engine) -> None:
-        self._db = Database(url_or_engine)
+    def __init__(
+        self, url_or_engine: str | URL | Engine, *, retry: DatabaseRetryPolicy | None = None
+    ) -> None:
+        self._db = Database(url_or_engine, retry=retry)
 
     @property
     def engine(self) -> Engine:
@@ -31,11 +38,13 @@ class CallRecorder:
         """Bring the database schema to the newest revision this library ships."""
         migrations.upgrade(self._db)
 
+    # Allocation
+
     def open_state(self, state_id: str, *, connection: Connection | None = None) -> None:
         """Register ``state_id`` so indices can be allocated for it. Idempotent."""
         state_id = allocator.validate_state_id(state_id)
         self._db.write(
-            lambda conn: allocator.open_state(conn, state_id),
+            lambda conn: allocator.open_state(self._db, conn, state_id),
             connection=connection,
             single_statement=True,
         )
@@ -53,10 +62,115 @@ class CallRecorder:
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
         return self._db.write(
-            lambda conn: allocator.allocate(conn, state_id, count),
+            lambda conn: allocator.allocate(self._db, conn, state_id, count),
             connection=connection,
             single_statement=True,
         )
+
+    def allocate_call_indices(
+        self, counts: Mapping[str, int], *, connection: Connection | None = None
+    ) -> dict[str, int]:
+        """Reserve indices for several states in one transaction: ``{state_id: count}``
+        in, ``{state_id: first index}`` out. States are locked in sorted order, so
+        concurrent callers sharing states never deadlock."""
+        checked = {
+            allocator.validate_state_id(state_id): allocator.validate_count(count)
+            for state_id, count in counts.items()
+        }
+        return self._db.write(
+            lambda conn: allocator.allocate_many(self._db, conn, checked),
+            connection=connection,
+        )
+
+    # Recording
+
+    def record_call(
+        self,
+        state_id: str,
+        call_type: CallType,
+        status: FinalStatus,
+        request: Any,
+        response: Any = None,
+        error: Any = None,
+        latency_ms: float | None = None,
+        call_id: str | None = None,
+    ) -> Call:
+        """Record a completed call with the next index of its state, in one transaction.
+
+        Recorded indices of a state have no gaps. ``call_id`` (a fresh UUID when
+        omitted) makes the call idempotent: recording the same ``call_id`` again
+        returns the recorded call with its original index and writes nothing.
+        """
+        outcome = calls.Outcome.of(status, response, error, latency_ms)
+        parameters = {
+            **self._new_call(state_id, call_type, request, call_id),
+            **outcome.parameters(),
+        }
+        return self._db.write(lambda conn: calls.insert(self._db, conn, parameters))
+
+    def begin_call(
+        self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
+    ) -> Call:
+        """Record a ``pending`` call with its index before the external call is made.
+
+        Finish it with :meth:`finish_call`. A worker that dies in between
+        leaves the pending row visible; ``callindex sweep`` marks it abandoned.
+        Idempotent on ``call_id`` like :meth:`record_call`.
+        """
+        parameters = {
+            **self._new_call(state_id, call_type, request, call_id),
+            **_PENDING,
+        }
+        return self._db.write(lambda conn: calls.insert(self._db, conn, parameters))
+
+    def finish_call(
+        self,
+        call_id: str,
+        status: FinalStatus,
+        response: Any = None,
+        error: Any = None,
+        latency_ms: float | None = None,
+    ) -> Call:
+        """Complete a pending call, once. Repeating the same finish returns the call;
+        a different one raises :class:`CallAlreadyFinishedError`."""
+        call_id = calls.validate_call_id(call_id)
+        outcome = calls.Outcome.of(status, response, error, latency_ms)
+        return self._db.write(lambda conn: calls.finish(self._db, conn, call_id, outcome))
+
+    def _new_call(
+        self, state_id: str, call_type: str, request: Any, call_id: str | None
+    ) -> dict[str, Any]:
+        return calls.new_call_parameters(
+            call_id=calls.validate_call_id(call_id if call_id is not None else calls.new_call_id()),
+            state_id=allocator.validate_state_id(state_id),
+            call_type=calls.validate_call_type(call_type),
+            request=payloads.prepare("request", request),
+        )
+
+    # Reading and mending
+
+    def calls(self, state_id: str) -> list[Call]:
+        """The calls of ``state_id``, in index order."""
+        state_id = allocator.validate_state_id(state_id)
+        return self._db.read(lambda conn: calls.of_state(self._db, conn, state_id))
+
+    def get_call(self, call_id: str) -> Call | None:
+        call_id = calls.validate_call_id(call_id)
+        return self._db.read(lambda conn: calls.find(self._db, conn, call_id))
+
+    def verify(
+        self, pending_threshold_seconds: float = audit.DEFAULT_PENDING_THRESHOLD_SECONDS
+    ) -> audit.Report:
+        """Check the trail's invariants; see :class:`callindex.audit.Report`."""
+        return audit.verify(self._db, pending_threshold_seconds)
+
+    def sweep(self, older_than_seconds: float) -> list[dict[str, Any]]:
+        """Mark pending calls at least this old ``abandoned``; returns them."""
+        return audit.sweep(self._db, older_than_seconds)
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Move counters that are behind their calls forward; returns the states moved."""
+        return audit.repair(self._db)
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -75,3 +189,13 @@ class CallRecorder:
 
     def __repr__(self) -> str:
         return f"CallRecorder({self._db.display_url!r})"
+
+
+_PENDING: dict[str, Any] = {
+    "status": "pending",
+    "response": None,
+    "response_hash": None,
+    "error": None,
+    "error_hash": None,
+    "latency_ms": None,
+}

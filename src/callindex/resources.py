@@ -45,7 +45,12 @@ def parse_named_blocks(source: str) -> dict[str, str]:
 
 
 @functools.cache
-def queries() -> dict[str, TextClause]:
-    """The queries of ``sql/queries.sql``, compiled once per process."""
-    source = (resource_dir("sql") / "queries.sql").read_text(encoding="utf-8")
-    return {name: text(body) for name, body in parse_named_blocks(source).items()}
+def queries(backend: str) -> dict[str, TextClause]:
+    """The queries for ``backend``, parsed once per process: the shared blocks of
+    ``sql/queries.sql`` and those of ``sql/queries.<backend>.sql``."""
+    folder = resource_dir("sql")
+    shared = parse_named_blocks((folder / "queries.sql").read_text(encoding="utf-8"))
+    own = parse_named_blocks((folder / f"queries.{backend}.sql").read_text(encoding="utf-8"))
+    if clash := shared.keys() & own.keys():
+        raise CallIndexError(f"queries defined both shared and for {backend}: {sorted(clash)}")
+    return {name: text(body) for name, body in {**shared, **own}.items()}

@@ -6,7 +6,8 @@ migrations, the plain SQL in ``sql/`` and the running database agree.
 
 from __future__ import annotations
 
-from typing import Final
+from datetime import datetime
+from typing import Any, Final
 
 from sqlalchemy import (
     JSON,
@@ -16,14 +17,18 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
-    func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 NAMING_CONVENTION: Final = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -35,10 +40,30 @@ NAMING_CONVENTION: Final = {
 
 MAX_STATE_ID_LENGTH: Final = 255
 CALL_STATUSES: Final = ("pending", "success", "error", "abandoned")
+CALL_TYPES: Final = ("http", "llm", "tool", "other")
 
 # Counter rows are updated in place many times; free space on each page lets
 # PostgreSQL keep every bump a HOT update (no index maintenance, less bloat).
 COUNTER_FILLFACTOR: Final = 20
+
+
+class utc_now(FunctionElement[datetime]):
+    """The current time as a column default: ``now()`` on PostgreSQL; UTC text
+    with milliseconds on SQLite, whose ``CURRENT_TIMESTAMP`` has only seconds."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+
+@compiles(utc_now)
+def _utc_now_default(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utc_now, "sqlite")
+def _utc_now_sqlite(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -49,7 +74,7 @@ call_index_counters = Table(
     metadata,
     Column("state_id", Text, primary_key=True),
     Column("next_index", BigInteger, nullable=False, server_default="0"),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     CheckConstraint("next_index >= 0", name="next_index_non_negative"),
     CheckConstraint(
         f"length(state_id) BETWEEN 1 AND {MAX_STATE_ID_LENGTH}", name="state_id_length"
@@ -77,7 +102,7 @@ calls = Table(
     Column("error", _json, nullable=True),
     Column("error_hash", String(64), nullable=True),
     Column("latency_ms", Float, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     Column("completed_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("state_id", "call_index"),
     CheckConstraint("call_index >= 0", name="call_index_non_negative"),
@@ -85,4 +110,12 @@ calls = Table(
         "status IN ({})".format(", ".join(f"'{s}'" for s in CALL_STATUSES)),
         name="status_known",
     ),
+)
+
+# Sweeping and verifying look for old pending calls; finished ones are the bulk.
+Index(
+    "ix_calls_pending_created_at",
+    calls.c.created_at,
+    postgresql_where=text("status = 'pending'"),
+    sqlite_where=text("status = 'pending'"),
 )

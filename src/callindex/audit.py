@@ -1,0 +1,103 @@
+"""Checking and mending the audit trail: verify, sweep, repair."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import Connection
+
+from callindex.database import Database
+from callindex.errors import InvalidInputError
+
+DEFAULT_PENDING_THRESHOLD_SECONDS: Final = 15 * 60
+_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+GAP_CAUSE: Final = (
+    "reserved by allocate_call_index (or a count block) and never used for a call row; "
+    "record_call and begin_call never leave gaps"
+)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like ``90s``, ``15m``, ``2h``, ``1d`` or ``1h30m``."""
+    cleaned = text.strip().lower()
+    parts = _DURATION.findall(cleaned)
+    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
+        raise InvalidInputError(
+            f"not a duration: {text!r} (use a number and a unit: 90s, 15m, 2h, 1d)"
+        )
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``verify`` found. ``ok`` is false when an invariant is violated."""
+
+    states: int
+    calls_by_status: dict[str, int]
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    counters_behind: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    unused_reservations: list[dict[str, Any]] = field(default_factory=list)
+    stale_pending: list[dict[str, Any]] = field(default_factory=list)
+    pending_threshold_seconds: float = DEFAULT_PENDING_THRESHOLD_SECONDS
+
+    @property
+    def ok(self) -> bool:
+        return not self.duplicates and not self.counters_behind
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "gap_cause": GAP_CAUSE, **asdict(self)}
+
+
+def verify(db: Database, pending_threshold_seconds: float) -> Report:
+    """Check every invariant of the trail, in one read transaction."""
+
+    def rows(conn: Connection, name: str, **params: Any) -> list[dict[str, Any]]:
+        result = conn.execute(db.queries[name], params)
+        return [{key: _plain(value) for key, value in row._mapping.items()} for row in result]
+
+    def check(conn: Connection) -> Report:
+        return Report(
+            states=int(conn.execute(db.queries["state_count"]).scalar_one()),
+            calls_by_status={
+                row["status"]: int(row["calls"]) for row in rows(conn, "status_counts")
+            },
+            duplicates=rows(conn, "duplicate_indices"),
+            counters_behind=rows(conn, "counters_behind"),
+            gaps=rows(conn, "index_gaps"),
+            unused_reservations=rows(conn, "unused_reservations"),
+            stale_pending=rows(conn, "stale_pending", seconds=pending_threshold_seconds),
+            pending_threshold_seconds=pending_threshold_seconds,
+        )
+
+    return db.read(check)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, int | float | str) or value is None:
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def sweep(db: Database, older_than_seconds: float) -> list[dict[str, Any]]:
+    """Mark ``pending`` calls created at least ``older_than_seconds`` ago ``abandoned``."""
+    if older_than_seconds < 0:
+        raise InvalidInputError("the age of calls to sweep must be >= 0")
+
+    def mark(conn: Connection) -> list[dict[str, Any]]:
+        result = conn.execute(db.queries["sweep_pending"], {"seconds": older_than_seconds})
+        return [dict(row._mapping) for row in result]
+
+    return db.write(mark, single_statement=True)
+
+
+def repair(db: Database) -> list[dict[str, Any]]:
+    """Move every counter that is behind its calls to ``max(call_index) + 1``."""
+    return db.write(
+        lambda conn: [dict(row._mapping) for row in conn.execute(db.queries["repair_counters"])],
+        single_statement=True,
+    )

@@ -1,0 +1,252 @@
+"""Recorded calls: the :class:`Call` value, its validation, and the statements
+that record, begin, finish and read calls."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, cast, get_args
+
+from sqlalchemy import Connection, Row
+
+from callindex import allocator, payloads
+from callindex.database import Database
+from callindex.errors import (
+    CallAlreadyFinishedError,
+    CallIdConflictError,
+    InvalidCallError,
+    UnknownCallError,
+    UnknownStateError,
+)
+
+CallType = Literal["http", "llm", "tool", "other"]
+CallStatus = Literal["pending", "success", "error", "abandoned"]
+FinalStatus = Literal["success", "error"]
+
+CALL_TYPES: Final = frozenset(get_args(CallType))
+FINAL_STATUSES: Final = frozenset(get_args(FinalStatus))
+MAX_CALL_ID_LENGTH: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One recorded call, as stored."""
+
+    call_id: str
+    state_id: str
+    call_index: int
+    call_type: str
+    status: str
+    request: Any
+    request_hash: str | None
+    response: Any
+    response_hash: str | None
+    error: Any
+    error_hash: str | None
+    latency_ms: float | None
+    created_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Call:
+        values = row._mapping
+        return cls(
+            call_id=values["call_id"],
+            state_id=values["state_id"],
+            call_index=int(values["call_index"]),
+            call_type=values["call_type"],
+            status=values["status"],
+            request=_loaded(values["request"]),
+            request_hash=values["request_hash"],
+            response=_loaded(values["response"]),
+            response_hash=values["response_hash"],
+            error=_loaded(values["error"]),
+            error_hash=values["error_hash"],
+            latency_ms=values["latency_ms"],
+            created_at=_timestamp(values["created_at"]),
+            completed_at=_timestamp(values["completed_at"]) if values["completed_at"] else None,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The call as JSON-ready values (timestamps in ISO 8601)."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        for name in ("created_at", "completed_at"):
+            fields[name] = fields[name].isoformat() if fields[name] else None
+        return fields
+
+
+def _loaded(value: Any) -> Any:
+    # psycopg decodes JSONB itself; SQLite hands back the stored text.
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _timestamp(value: Any) -> datetime:
+    # PostgreSQL returns aware datetimes; SQLite, UTC text.
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def new_call_id() -> str:
+    """A fresh client-side call id (a random UUID), to create before the first attempt."""
+    return str(uuid.uuid4())
+
+
+def validate_call_id(call_id: object) -> str:
+    if not isinstance(call_id, str) or not 1 <= len(call_id) <= MAX_CALL_ID_LENGTH:
+        raise InvalidCallError(f"call_id must be a string of 1 to {MAX_CALL_ID_LENGTH} characters")
+    if not call_id.isprintable() or not call_id.isascii():
+        raise InvalidCallError("call_id must be printable ASCII")
+    return call_id
+
+
+def validate_call_type(call_type: object) -> str:
+    if call_type not in CALL_TYPES:
+        raise InvalidCallError(
+            f"unknown call_type {call_type!r}: expected one of {', '.join(sorted(CALL_TYPES))}"
+        )
+    return cast(str, call_type)
+
+
+def validate_final_status(status: object) -> str:
+    if status not in FINAL_STATUSES:
+        raise InvalidCallError(
+            f"status must be 'success' or 'error', not {status!r} "
+            "(begin_call records 'pending'; sweeping records 'abandoned')"
+        )
+    return cast(str, status)
+
+
+def validate_latency(latency_ms: object) -> float | None:
+    if latency_ms is None:
+        return None
+    if isinstance(latency_ms, bool) or not isinstance(latency_ms, int | float):
+        raise InvalidCallError(f"latency_ms must be a number, not {type(latency_ms).__name__}")
+    if not math.isfinite(latency_ms) or latency_ms < 0:
+        raise InvalidCallError(f"latency_ms must be a finite number >= 0, not {latency_ms}")
+    return float(latency_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The validated parameters of a finished call's result."""
+
+    status: str
+    response: payloads.Payload | None
+    error: payloads.Payload | None
+    latency_ms: float | None
+
+    @classmethod
+    def of(cls, status: object, response: Any, error: Any, latency_ms: object) -> Outcome:
+        return cls(
+            status=validate_final_status(status),
+            response=payloads.prepare("response", response),
+            error=payloads.prepare("error", error),
+            latency_ms=validate_latency(latency_ms),
+        )
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "response": _text(self.response),
+            "response_hash": _hash(self.response),
+            "error": _text(self.error),
+            "error_hash": _hash(self.error),
+            "latency_ms": self.latency_ms,
+        }
+
+    def matches(self, call: Call) -> bool:
+        return (call.status, call.response_hash, call.error_hash) == (
+            self.status,
+            _hash(self.response),
+            _hash(self.error),
+        )
+
+
+def _text(payload: payloads.Payload | None) -> str | None:
+    return payload.text if payload else None
+
+
+def _hash(payload: payloads.Payload | None) -> str | None:
+    return payload.sha256 if payload else None
+
+
+def new_call_parameters(
+    call_id: str, state_id: str, call_type: str, request: payloads.Payload | None
+) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "state_id": state_id,
+        "call_type": call_type,
+        "request": _text(request),
+        "request_hash": _hash(request),
+    }
+
+
+def insert(db: Database, conn: Connection, parameters: Mapping[str, Any]) -> Call:
+    """Allocate the next index of the state and insert the call with it.
+
+    When ``call_id`` is recorded already, return that call instead: nothing is
+    written and no index is used. The caller commits.
+    """
+    if db.backend == "postgresql":
+        row = conn.execute(db.queries["record_call"], parameters).one_or_none()
+        if row is None:
+            raise UnknownStateError(parameters["state_id"])
+        call = Call.from_row(row)
+    else:
+        existing = find(db, conn, parameters["call_id"])
+        if existing is not None:
+            call = existing
+        else:
+            index = allocator.allocate(db, conn, parameters["state_id"], 1)
+            row = conn.execute(db.queries["insert_call"], {**parameters, "call_index": index}).one()
+            return Call.from_row(row)
+    _ensure_same_call(call, parameters)
+    return call
+
+
+def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
+    recorded = (call.state_id, call.call_type, call.request_hash)
+    requested = (parameters["state_id"], parameters["call_type"], parameters["request_hash"])
+    if recorded != requested:
+        raise CallIdConflictError(
+            f"call_id {call.call_id!r} already names another call "
+            f"(state {call.state_id!r}, type {call.call_type!r}, index {call.call_index})"
+        )
+
+
+def finish(db: Database, conn: Connection, call_id: str, outcome: Outcome) -> Call:
+    """Complete pending call ``call_id``; a retry of the same finish returns the call."""
+    row = conn.execute(
+        db.queries["finish_call"], {"call_id": call_id, **outcome.parameters()}
+    ).one_or_none()
+    if row is not None:
+        return Call.from_row(row)
+    call = find(db, conn, call_id)
+    if call is None:
+        raise UnknownCallError(call_id)
+    if outcome.matches(call):
+        return call
+    raise CallAlreadyFinishedError(
+        f"call {call_id!r} is already {call.status}"
+        + (
+            " (swept as abandoned: its worker was presumed dead)"
+            if call.status == "abandoned"
+            else ""
+        )
+    )
+
+
+def find(db: Database, conn: Connection, call_id: str) -> Call | None:
+    row = conn.execute(db.queries["find_call"], {"call_id": call_id}).one_or_none()
+    return Call.from_row(row) if row else None
+
+
+def of_state(db: Database, conn: Connection, state_id: str) -> list[Call]:
+    rows = conn.execute(db.queries["calls_of_state"], {"state_id": state_id})
+    return [Call.from_row(row) for row in rows]
