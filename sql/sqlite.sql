@@ -60,7 +60,7 @@ WHEN OLD.status <> 'pending'
      OR NEW.request_hash IS NOT OLD.request_hash
      OR NEW.created_at IS NOT OLD.created_at
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: a finished call cannot be changed; a pending call may only be finished or abandoned');
+    SELECT RAISE(ABORT, 'callindex: a call may change only from pending to finished');
 END;
 
 UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';

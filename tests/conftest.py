@@ -136,3 +136,45 @@ def counter_value(url: str | URL, state_id: str) -> int | None:
 def counter_count(url: str | URL) -> int:
     with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM call_index_counters")).scalar_one())
+
+
+def call_rows(url: str | URL) -> list[tuple[str, str, int, str]]:
+    """Every call row, straight from the table: (call_id, state_id, call_index, status)."""
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        return [
+            (row.call_id, row.state_id, int(row.call_index), row.status)
+            for row in conn.execute(
+                text(
+                    "SELECT call_id, state_id, call_index, status FROM calls "
+                    "ORDER BY state_id, call_index"
+                )
+            )
+        ]
+
+
+def assert_trail_sound(
+    url: str | URL,
+    acknowledged: dict[str, tuple[str, int]],
+    *,
+    gapless: bool = True,
+) -> None:
+    """The checks every fault test ends with: no duplicate (state, index); every
+    call acknowledged to a caller is in the table with the index it was given;
+    recorded indices gapless per state (unless the test explains otherwise);
+    counters ahead of their calls; ``verify`` passes."""
+    rows = call_rows(url)
+    pairs = [(state_id, index) for _, state_id, index, _ in rows]
+    assert len(pairs) == len(set(pairs)), "duplicate (state_id, call_index)"
+    by_id = {call_id: (state_id, index) for call_id, state_id, index, _ in rows}
+    missing = {cid: where for cid, where in acknowledged.items() if by_id.get(cid) != where}
+    assert not missing, f"acknowledged calls missing or moved: {list(missing.items())[:5]}"
+    if gapless:
+        per_state: dict[str, list[int]] = {}
+        for state_id, index in pairs:
+            per_state.setdefault(state_id, []).append(index)
+        for state_id, indices in per_state.items():
+            assert indices == list(range(len(indices))), f"gap in {state_id}: {indices[:20]}"
+    with CallRecorder(url) as recorder:
+        report = recorder.verify()
+    assert report.ok, report.as_json()
+    assert not report.counters_behind and not report.duplicates

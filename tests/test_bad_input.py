@@ -11,14 +11,18 @@ from callindex import (
     CallRecorder,
     ConfigurationError,
     DatabaseUnavailableError,
+    InvalidCallError,
     InvalidCountError,
+    InvalidPayloadError,
     InvalidStateIdError,
+    PayloadTooLargeError,
     SchemaMissingError,
 )
 from callindex.allocator import MAX_COUNT
+from callindex.payloads import MAX_PAYLOAD_BYTES
 from callindex.schema import MAX_STATE_ID_LENGTH
 
-from conftest import counter_count, counter_value
+from conftest import call_rows, counter_count, counter_value
 
 BAD_STATE_IDS = [
     pytest.param("", id="empty"),
@@ -124,3 +128,92 @@ def test_every_error_shares_one_base_class() -> None:
     ]
     assert len(types) > 5
     assert all(issubclass(t, CallIndexError) for t in types)
+
+
+class _Opaque:
+    pass
+
+
+BAD_PAYLOADS = [
+    pytest.param({"a": {1, 2}}, InvalidPayloadError, id="set"),
+    pytest.param({"a": b"bytes"}, InvalidPayloadError, id="bytes"),
+    pytest.param({"a": _Opaque()}, InvalidPayloadError, id="object"),
+    pytest.param({"a": float("nan")}, InvalidPayloadError, id="nan"),
+    pytest.param({"a": float("inf")}, InvalidPayloadError, id="infinity"),
+    pytest.param({1: "x", "b": "y"}, InvalidPayloadError, id="mixed-keys"),
+    pytest.param({"a": "nul\x00byte"}, InvalidPayloadError, id="nul-in-value"),
+    pytest.param({"nul\x00key": 1}, InvalidPayloadError, id="nul-in-key"),
+    pytest.param(["a\ud800b"], InvalidPayloadError, id="lone-surrogate"),
+    pytest.param({"a": "x" * MAX_PAYLOAD_BYTES}, PayloadTooLargeError, id="oversized"),
+]
+
+
+@pytest.mark.parametrize("field", ["request", "response", "error"])
+@pytest.mark.parametrize(("payload", "error_type"), BAD_PAYLOADS)
+def test_record_call_refuses_a_bad_payload(
+    recorder: CallRecorder, db_url: str, field: str, payload: object, error_type: type
+) -> None:
+    recorder.open_state("s1")
+    arguments = {"request": {}, field: payload}
+    with pytest.raises(error_type, match=field):
+        recorder.record_call("s1", "http", "success", **arguments)
+    assert call_rows(db_url) == []
+    assert counter_value(db_url, "s1") == 0
+
+
+@pytest.mark.parametrize(("payload", "error_type"), BAD_PAYLOADS[:3] + BAD_PAYLOADS[-2:])
+def test_two_phase_calls_refuse_a_bad_payload(
+    recorder: CallRecorder, db_url: str, payload: object, error_type: type
+) -> None:
+    recorder.open_state("s1")
+    with pytest.raises(error_type):
+        recorder.begin_call("s1", "http", payload)
+    begun = recorder.begin_call("s1", "http", {})
+    with pytest.raises(error_type):
+        recorder.finish_call(begun.call_id, "success", response=payload)
+    assert call_rows(db_url) == [(begun.call_id, "s1", 0, "pending")]
+
+
+def test_a_payload_just_under_the_limit_is_recorded(recorder: CallRecorder) -> None:
+    recorder.open_state("s1")
+    payload = "x" * (MAX_PAYLOAD_BYTES - 2)  # plus the two quotes of the JSON string
+    assert recorder.record_call("s1", "http", "success", payload).request == payload
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param({"call_type": "ftp"}, id="unknown-call-type"),
+        pytest.param({"call_type": None}, id="no-call-type"),
+        pytest.param({"status": "pending"}, id="pending-status"),
+        pytest.param({"status": "abandoned"}, id="abandoned-status"),
+        pytest.param({"status": "ok"}, id="unknown-status"),
+        pytest.param({"latency_ms": -1}, id="negative-latency"),
+        pytest.param({"latency_ms": float("nan")}, id="nan-latency"),
+        pytest.param({"latency_ms": "12"}, id="string-latency"),
+        pytest.param({"call_id": ""}, id="empty-call-id"),
+        pytest.param({"call_id": "x" * 129}, id="long-call-id"),
+        pytest.param({"call_id": "new\nline"}, id="unprintable-call-id"),
+        pytest.param({"call_id": 7}, id="int-call-id"),
+    ],
+)
+def test_record_call_refuses_bad_fields(
+    recorder: CallRecorder, db_url: str, arguments: dict[str, object]
+) -> None:
+    recorder.open_state("s1")
+    call = {"state_id": "s1", "call_type": "http", "status": "success", "request": {}}
+    with pytest.raises(InvalidCallError):
+        recorder.record_call(**{**call, **arguments})  # type: ignore[arg-type]
+    assert call_rows(db_url) == []
+    assert counter_value(db_url, "s1") == 0
+
+
+@pytest.mark.parametrize("status", ["pending", "abandoned", "done", None])
+def test_finish_call_refuses_a_status_that_is_not_final(
+    recorder: CallRecorder, db_url: str, status: object
+) -> None:
+    recorder.open_state("s1")
+    begun = recorder.begin_call("s1", "http", {})
+    with pytest.raises(InvalidCallError):
+        recorder.finish_call(begun.call_id, status)  # type: ignore[arg-type]
+    assert call_rows(db_url) == [(begun.call_id, "s1", 0, "pending")]

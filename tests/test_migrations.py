@@ -131,7 +131,7 @@ class TestCheck:
     def test_behind_says_to_upgrade(self, empty_db_url: str) -> None:
         db = Database(empty_db_url)
         migrations.upgrade(db, "0001")
-        with pytest.raises(SchemaVersionError, match="behind .* run `callindex db upgrade`"):
+        with pytest.raises(SchemaVersionError, match=r"behind .* run `callindex db upgrade`"):
             migrations.check(db)
 
     def test_ahead_says_to_upgrade_the_library(self, db_url: str) -> None:

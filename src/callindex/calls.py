@@ -3,7 +3,7 @@ that record, begin, finish and read calls."""
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import uuid
 from collections.abc import Mapping
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, cast, get_args
 
-from sqlalchemy import Connection, Row
+from sqlalchemy import Connection, Row, TextualSelect
 
-from callindex import allocator, payloads
+from callindex import allocator, payloads, schema
 from callindex.database import Database
 from callindex.errors import (
     CallAlreadyFinishedError,
@@ -22,6 +22,7 @@ from callindex.errors import (
     UnknownCallError,
     UnknownStateError,
 )
+from callindex.resources import queries
 
 CallType = Literal["http", "llm", "tool", "other"]
 CallStatus = Literal["pending", "success", "error", "abandoned"]
@@ -60,11 +61,11 @@ class Call:
             call_index=int(values["call_index"]),
             call_type=values["call_type"],
             status=values["status"],
-            request=_loaded(values["request"]),
+            request=values["request"],
             request_hash=values["request_hash"],
-            response=_loaded(values["response"]),
+            response=values["response"],
             response_hash=values["response_hash"],
-            error=_loaded(values["error"]),
+            error=values["error"],
             error_hash=values["error_hash"],
             latency_ms=values["latency_ms"],
             created_at=_timestamp(values["created_at"]),
@@ -79,16 +80,21 @@ class Call:
         return fields
 
 
-def _loaded(value: Any) -> Any:
-    # psycopg decodes JSONB itself; SQLite hands back the stored text.
-    return json.loads(value) if isinstance(value, str) else value
+def _timestamp(value: datetime) -> datetime:
+    # SQLite stores UTC without an offset; PostgreSQL returns aware datetimes.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _timestamp(value: Any) -> datetime:
-    # PostgreSQL returns aware datetimes; SQLite, UTC text.
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+@functools.cache
+def _returning_calls(backend: str, name: str) -> TextualSelect:
+    """Query ``name``, with its call columns typed so both backends decode them alike."""
+    return queries(backend)[name].columns(
+        request=schema.calls.c.request.type,
+        response=schema.calls.c.response.type,
+        error=schema.calls.c.error.type,
+        created_at=schema.calls.c.created_at.type,
+        completed_at=schema.calls.c.completed_at.type,
+    )
 
 
 def new_call_id() -> str:
@@ -194,7 +200,7 @@ def insert(db: Database, conn: Connection, parameters: Mapping[str, Any]) -> Cal
     written and no index is used. The caller commits.
     """
     if db.backend == "postgresql":
-        row = conn.execute(db.queries["record_call"], parameters).one_or_none()
+        row = conn.execute(_returning_calls(db.backend, "record_call"), parameters).one_or_none()
         if row is None:
             raise UnknownStateError(parameters["state_id"])
         call = Call.from_row(row)
@@ -204,7 +210,9 @@ def insert(db: Database, conn: Connection, parameters: Mapping[str, Any]) -> Cal
             call = existing
         else:
             index = allocator.allocate(db, conn, parameters["state_id"], 1)
-            row = conn.execute(db.queries["insert_call"], {**parameters, "call_index": index}).one()
+            row = conn.execute(
+                _returning_calls(db.backend, "insert_call"), {**parameters, "call_index": index}
+            ).one()
             return Call.from_row(row)
     _ensure_same_call(call, parameters)
     return call
@@ -223,7 +231,7 @@ def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
 def finish(db: Database, conn: Connection, call_id: str, outcome: Outcome) -> Call:
     """Complete pending call ``call_id``; a retry of the same finish returns the call."""
     row = conn.execute(
-        db.queries["finish_call"], {"call_id": call_id, **outcome.parameters()}
+        _returning_calls(db.backend, "finish_call"), {"call_id": call_id, **outcome.parameters()}
     ).one_or_none()
     if row is not None:
         return Call.from_row(row)
@@ -243,10 +251,12 @@ def finish(db: Database, conn: Connection, call_id: str, outcome: Outcome) -> Ca
 
 
 def find(db: Database, conn: Connection, call_id: str) -> Call | None:
-    row = conn.execute(db.queries["find_call"], {"call_id": call_id}).one_or_none()
+    row = conn.execute(
+        _returning_calls(db.backend, "find_call"), {"call_id": call_id}
+    ).one_or_none()
     return Call.from_row(row) if row else None
 
 
 def of_state(db: Database, conn: Connection, state_id: str) -> list[Call]:
-    rows = conn.execute(db.queries["calls_of_state"], {"state_id": state_id})
+    rows = conn.execute(_returning_calls(db.backend, "calls_of_state"), {"state_id": state_id})
     return [Call.from_row(row) for row in rows]

@@ -1,0 +1,221 @@
+"""Recording calls: allocate-and-insert in one transaction, two-phase calls,
+exactly once per call_id, and a trail the database itself keeps immutable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from sqlalchemy import exc, text
+
+from callindex import (
+    CallAlreadyFinishedError,
+    CallIdConflictError,
+    CallRecorder,
+    CounterBehindError,
+    UnknownCallError,
+    UnknownStateError,
+)
+from callindex.retry import DatabaseRetryPolicy
+
+from conftest import assert_trail_sound, call_rows, counter_value
+
+
+@pytest.fixture
+def opened(recorder: CallRecorder) -> CallRecorder:
+    recorder.open_state("s1")
+    return recorder
+
+
+def sha256_of(value: object) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class TestRecordCall:
+    def test_indices_are_consecutive_and_the_call_comes_back(self, opened: CallRecorder) -> None:
+        first = opened.record_call(
+            "s1", "http", "success", {"url": "https://x/1"}, {"ok": True}, latency_ms=12.5
+        )
+        second = opened.record_call("s1", "llm", "error", {"m": "hi"}, error={"type": "Boom"})
+        assert (first.call_index, second.call_index) == (0, 1)
+        assert first.status == "success" and first.latency_ms == 12.5
+        assert first.request == {"url": "https://x/1"} and first.response == {"ok": True}
+        assert first.request_hash == sha256_of({"url": "https://x/1"})
+        assert first.response_hash == sha256_of({"ok": True})
+        assert second.error == {"type": "Boom"} and second.error_hash == sha256_of({"type": "Boom"})
+        assert first.completed_at is not None and first.created_at <= first.completed_at
+        assert [c.call_id for c in opened.calls("s1")] == [first.call_id, second.call_id]
+
+    def test_interleaves_with_allocate_call_index(self, opened: CallRecorder) -> None:
+        assert opened.allocate_call_index("s1") == 0
+        assert opened.record_call("s1", "http", "success", {}).call_index == 1
+        assert opened.allocate_call_index("s1") == 2
+
+    def test_the_same_call_id_is_recorded_once(self, opened: CallRecorder, db_url: str) -> None:
+        first = opened.record_call("s1", "http", "success", {"a": 1}, call_id="call-1")
+        again = opened.record_call("s1", "http", "success", {"a": 1}, call_id="call-1")
+        assert again == first
+        assert len(call_rows(db_url)) == 1
+        assert counter_value(db_url, "s1") == 1  # no index burned by the retry
+        assert opened.record_call("s1", "http", "success", {"a": 2}).call_index == 1
+
+    def test_a_call_id_reused_for_another_call_is_refused(self, opened: CallRecorder) -> None:
+        opened.record_call("s1", "http", "success", {"a": 1}, call_id="call-1")
+        opened.open_state("s2")
+        for state_id, call_type, request in [
+            ("s2", "http", {"a": 1}),
+            ("s1", "llm", {"a": 1}),
+            ("s1", "http", {"a": 2}),
+        ]:
+            with pytest.raises(CallIdConflictError, match="call-1"):
+                opened.record_call(state_id, call_type, "success", request, call_id="call-1")
+
+    def test_an_unknown_state_writes_nothing(self, recorder: CallRecorder, db_url: str) -> None:
+        with pytest.raises(UnknownStateError):
+            recorder.record_call("nope", "http", "success", {})
+        with pytest.raises(UnknownStateError):
+            recorder.begin_call("nope", "http", {})
+        assert call_rows(db_url) == []
+
+
+class TestTwoPhaseCalls:
+    def test_begin_writes_a_pending_row_with_its_index(self, opened: CallRecorder) -> None:
+        call = opened.begin_call("s1", "llm", {"prompt": "hi"})
+        assert (call.call_index, call.status, call.completed_at) == (0, "pending", None)
+        assert opened.calls("s1") == [call]
+
+    def test_finish_completes_it_once(self, opened: CallRecorder) -> None:
+        begun = opened.begin_call("s1", "llm", {"prompt": "hi"})
+        done = opened.finish_call(begun.call_id, "success", {"text": "hello"}, latency_ms=80)
+        assert (done.call_index, done.status, done.response) == (0, "success", {"text": "hello"})
+        assert done.latency_ms == 80 and done.completed_at is not None
+        assert (
+            opened.finish_call(begun.call_id, "success", {"text": "hello"}, latency_ms=80) == done
+        )
+        with pytest.raises(CallAlreadyFinishedError, match="already success"):
+            opened.finish_call(begun.call_id, "error", error={"type": "Late"})
+
+    def test_begin_is_idempotent_on_call_id(self, opened: CallRecorder, db_url: str) -> None:
+        first = opened.begin_call("s1", "http", {"u": 1}, call_id="b-1")
+        assert opened.begin_call("s1", "http", {"u": 1}, call_id="b-1") == first
+        assert counter_value(db_url, "s1") == 1
+
+    def test_finishing_an_unknown_call(self, opened: CallRecorder) -> None:
+        with pytest.raises(UnknownCallError, match="ghost"):
+            opened.finish_call("ghost", "success")
+
+    def test_an_abandoned_call_cannot_be_finished(self, opened: CallRecorder) -> None:
+        begun = opened.begin_call("s1", "http", {})
+        swept = opened.sweep(0)
+        assert [s["call_id"] for s in swept] == [begun.call_id]
+        assert opened.calls("s1")[0].status == "abandoned"
+        with pytest.raises(CallAlreadyFinishedError, match="abandoned"):
+            opened.finish_call(begun.call_id, "success")
+
+    def test_sweep_leaves_recent_pending_calls_alone(self, opened: CallRecorder) -> None:
+        begun = opened.begin_call("s1", "http", {})
+        assert opened.sweep(3600) == []
+        assert opened.finish_call(begun.call_id, "success").status == "success"
+
+
+class TestTheDatabaseGuardsTheTrail:
+    """Enforced by triggers, so writers that bypass callindex are held too."""
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "UPDATE calls SET status = 'error' WHERE call_id = 'done'",
+            "UPDATE calls SET response = NULL WHERE call_id = 'done'",
+            "UPDATE calls SET call_index = 7 WHERE call_id = 'done'",
+            "DELETE FROM calls WHERE call_id = 'done'",
+            "DELETE FROM calls WHERE call_id = 'open'",
+            "UPDATE calls SET request = NULL WHERE call_id = 'open'",
+            "UPDATE calls SET call_index = 9 WHERE call_id = 'open'",
+        ],
+    )
+    def test_refused(self, opened: CallRecorder, db_url: str, statement: str) -> None:
+        opened.record_call("s1", "http", "success", {"a": 1}, {"b": 2}, call_id="done")
+        opened.begin_call("s1", "http", {"a": 1}, call_id="open")
+        before = call_rows(db_url)
+        with pytest.raises(exc.DBAPIError, match="callindex: "), opened.engine.begin() as conn:
+            conn.execute(text(statement))
+        assert call_rows(db_url) == before
+
+    def test_a_pending_call_may_be_finished_by_sql(self, opened: CallRecorder) -> None:
+        opened.begin_call("s1", "http", {"a": 1}, call_id="open")
+        with opened.engine.begin() as conn:
+            conn.execute(text("UPDATE calls SET status = 'success' WHERE call_id = 'open'"))
+        assert opened.calls("s1")[0].status == "success"
+
+
+class TestCounterBehindItsCalls:
+    def _write_behind_the_allocators_back(self, recorder: CallRecorder) -> None:
+        with recorder.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                    "VALUES ('legacy', 's1', 0, 'http', 'success')"
+                )
+            )
+
+    def test_a_collision_is_reported_not_retried(self, db_url: str) -> None:
+        patient = DatabaseRetryPolicy(max_attempts=50, max_seconds=60)
+        with CallRecorder(db_url, retry=patient) as recorder:
+            recorder.open_state("s1")
+            self._write_behind_the_allocators_back(recorder)
+            with pytest.raises(CounterBehindError, match="callindex repair"):
+                recorder.record_call("s1", "http", "success", {})
+            assert counter_value(db_url, "s1") == 0
+            report = recorder.verify()
+            assert not report.ok
+            assert report.counters_behind == [{"state_id": "s1", "next_index": 0, "max_index": 0}]
+
+    def test_repair_moves_the_counter_forward(self, opened: CallRecorder, db_url: str) -> None:
+        self._write_behind_the_allocators_back(opened)
+        assert opened.repair() == [{"state_id": "s1", "next_index": 1}]
+        assert opened.repair() == []
+        assert opened.record_call("s1", "http", "success", {}).call_index == 1
+        assert opened.verify().ok
+
+
+class TestVerify:
+    def test_a_clean_trail(self, opened: CallRecorder, db_url: str) -> None:
+        acknowledged = {}
+        for n in range(3):
+            call = opened.record_call("s1", "http", "success", {"n": n})
+            acknowledged[call.call_id] = ("s1", call.call_index)
+        assert_trail_sound(db_url, acknowledged)
+        report = opened.verify()
+        assert report.calls_by_status == {"success": 3} and report.gaps == []
+
+    def test_gaps_and_unused_reservations_are_listed_with_their_cause(
+        self, opened: CallRecorder
+    ) -> None:
+        opened.record_call("s1", "http", "success", {})
+        opened.allocate_call_index("s1", count=3)
+        opened.record_call("s1", "http", "success", {})
+        opened.allocate_call_index("s1")
+        report = opened.verify()
+        assert report.ok
+        assert report.gaps == [{"state_id": "s1", "first_missing": 1, "last_missing": 3}]
+        assert report.unused_reservations == [
+            {"state_id": "s1", "first_unused": 5, "last_unused": 5}
+        ]
+        assert "allocate_call_index" in report.as_json()["gap_cause"]
+
+    def test_old_pending_calls_are_reported(self, opened: CallRecorder) -> None:
+        begun = opened.begin_call("s1", "http", {})
+        assert opened.verify(pending_threshold_seconds=3600).stale_pending == []
+        stale = opened.verify(pending_threshold_seconds=0).stale_pending
+        assert [s["call_id"] for s in stale] == [begun.call_id]
+
+
+def test_allocating_for_several_states_at_once(opened: CallRecorder) -> None:
+    opened.open_state("s2")
+    assert opened.allocate_call_indices({"s2": 2, "s1": 3}) == {"s1": 0, "s2": 0}
+    assert opened.allocate_call_indices({"s1": 1, "s2": 1}) == {"s1": 3, "s2": 2}
+    with pytest.raises(UnknownStateError):
+        opened.allocate_call_indices({"s1": 1, "zz-unknown": 1})
+    assert opened.allocate_call_index("s1") == 4  # the failed pair rolled back whole
