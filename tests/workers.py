@@ -7,13 +7,18 @@ shared with the parent.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import queue
+import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from callindex import CallRecorder
+from sqlalchemy import exc, text
+
+from callindex import CallRecorder, DatabaseRetryPolicy
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -70,3 +75,145 @@ def allocate_once(url: str, state_id: str, started: Any, results: Any) -> None:
             results.put(recorder.allocate_call_index(state_id))
     except Exception as error:
         results.put(f"{type(error).__name__}: {error}")
+
+
+class _RetryCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.retries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.retries += 1
+
+
+def count_retries() -> _RetryCounter:
+    """Count the retries callindex logs in this process."""
+    counter = _RetryCounter()
+    logging.getLogger("callindex.retry").addHandler(counter)
+    return counter
+
+
+def record_many(
+    barrier: Barrier,
+    results: Any,
+    url: str,
+    worker: str,
+    states: list[str],
+    calls: int,
+    policy: DatabaseRetryPolicy | None = None,
+    pause: float = 0.0,
+) -> None:
+    """Record ``calls`` calls round-robin over ``states``, alternating one-shot
+    and two-phase calls; report ``{"acknowledged": {call_id: [state, index]},
+    "retries": n}``. Only calls whose write returned are acknowledged."""
+    try:
+        retries = count_retries()
+        acknowledged: dict[str, tuple[str, int]] = {}
+        with CallRecorder(url, retry=policy) as recorder:
+            barrier.wait()
+            for n in range(calls):
+                state_id = states[n % len(states)]
+                call_id = f"{worker}-{n}"
+                if n % 2:
+                    begun = recorder.begin_call(state_id, "llm", {"n": n}, call_id=call_id)
+                    call = recorder.finish_call(begun.call_id, "success", {"n": n})
+                else:
+                    call = recorder.record_call(
+                        state_id, "http", "success", {"n": n}, call_id=call_id
+                    )
+                acknowledged[call.call_id] = (call.state_id, call.call_index)
+                if pause:
+                    time.sleep(pause)
+        results.put({"acknowledged": acknowledged, "retries": retries.retries})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def record_same_ids(barrier: Barrier, results: Any, url: str, state_id: str, calls: int) -> None:
+    """Record call ids ``same-0..`` that another process records at the same time."""
+    try:
+        with CallRecorder(url) as recorder:
+            barrier.wait()
+            got = {}
+            for n in range(calls):
+                call = recorder.record_call(
+                    state_id, "http", "success", {"n": n}, call_id=f"same-{n}"
+                )
+                got[call.call_id] = call.call_index
+        results.put(got)
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def allocate_pairs(
+    barrier: Barrier, results: Any, url: str, states: list[str], rounds: int
+) -> None:
+    """Allocate for several states in one caller transaction, ``rounds`` times."""
+    try:
+        retries = count_retries()
+        got: list[dict[str, int]] = []
+        with CallRecorder(url) as recorder:
+            barrier.wait()
+            for _ in range(rounds):
+                with recorder.engine.begin() as conn:
+                    got.append(
+                        recorder.allocate_call_indices(dict.fromkeys(states, 1), connection=conn)
+                    )
+                    time.sleep(0.001)
+        results.put({"allocated": got, "retries": retries.retries})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def lock_in_given_order(
+    barrier: Barrier, results: Any, url: str, states: list[str], rounds: int
+) -> None:
+    """The control: bump counters in the order given, pausing between them, as
+    code that does not sort would. Reports how many rounds hit a deadlock."""
+    deadlocks = 0
+    with CallRecorder(url) as recorder:
+        barrier.wait()
+        for _ in range(rounds):
+            try:
+                with recorder.engine.begin() as conn:
+                    for state_id in states:
+                        conn.execute(
+                            text(
+                                "UPDATE call_index_counters SET next_index = next_index + 1 "
+                                "WHERE state_id = :s"
+                            ),
+                            {"s": state_id},
+                        )
+                        time.sleep(0.01)
+            except exc.OperationalError as error:
+                if getattr(error.orig, "sqlstate", None) != "40P01":
+                    raise
+                deadlocks += 1
+    results.put(deadlocks)
+
+
+def hold_allocation(url: str, state_id: str, held: Any, report: Any) -> None:
+    """Allocate inside an open transaction, report the index, then hang until killed."""
+    with CallRecorder(url) as recorder, recorder.engine.begin() as conn:
+        report.put(recorder.allocate_call_index(state_id, connection=conn))
+        held.set()
+        time.sleep(600)
+
+
+def hang_between_begin_and_finish(url: str, state_id: str, held: Any, report: Any) -> None:
+    """Begin a call, report it, then hang (as if the external call never returned)."""
+    with CallRecorder(url) as recorder:
+        call = recorder.begin_call(state_id, "http", {"url": "https://slow.example"})
+        report.put((call.call_id, call.call_index))
+        held.set()
+        time.sleep(600)
+
+
+def hold_sqlite_write_lock(path: str, held: Any, seconds: float) -> None:
+    """Take SQLite's write lock with BEGIN IMMEDIATE and keep it for ``seconds``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    held.set()
+    time.sleep(seconds)
+    conn.execute("ROLLBACK")
+    conn.close()
