@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 
 from callindex import migrations
 from callindex.cli import cli
@@ -118,3 +120,52 @@ def test_installed_command_from_a_clean_folder(
     assert callindex("allocate", "s1") == "1\n"
     if backend == "sqlite":
         assert (tmp_path / "callindex.db").exists()  # the default database
+
+
+class TestAuditCommands:
+    def test_calls_lists_a_state_as_table_and_json(self, db_url: str) -> None:
+        from callindex import CallRecorder
+
+        with CallRecorder(db_url) as recorder:
+            recorder.open_state("s1")
+            first = recorder.record_call("s1", "http", "success", {"u": 1}, latency_ms=5)
+            recorder.begin_call("s1", "llm", {"p": "hi"})
+        table = run("--db", db_url, "calls", "s1")
+        assert table.exit_code == 0
+        assert first.call_id in table.stdout and "pending" in table.stdout
+        listed = json.loads(run("--db", db_url, "calls", "s1", "--json").stdout)
+        assert [(c["call_index"], c["status"]) for c in listed] == [(0, "success"), (1, "pending")]
+        assert listed[0]["request"] == {"u": 1}
+
+    def test_verify_sweep_and_repair(self, db_url: str) -> None:
+        from callindex import CallRecorder
+
+        with CallRecorder(db_url) as recorder:
+            recorder.open_state("s1")
+            begun = recorder.begin_call("s1", "http", {})
+        assert run("--db", db_url, "verify").exit_code == 0
+        report = json.loads(
+            run("--db", db_url, "verify", "--json", "--pending-older-than", "0s").stdout
+        )
+        assert report["ok"] and [p["call_id"] for p in report["stale_pending"]] == [begun.call_id]
+        swept = run("--db", db_url, "sweep", "--older-than", "0s")
+        assert swept.exit_code == 0 and begun.call_id in swept.stdout
+        with CallRecorder(db_url) as recorder, recorder.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                    "VALUES ('rogue', 's1', 5, 'http', 'success')"
+                )
+            )
+        failed = run("--db", db_url, "verify")
+        assert failed.exit_code == 1 and "FAIL" in failed.stdout
+        assert json.loads(run("--db", db_url, "verify", "--json").stdout)["ok"] is False
+        repaired = run("--db", db_url, "repair")
+        assert repaired.stdout == "s1: next_index is now 6\n"
+        assert run("--db", db_url, "verify").exit_code == 0
+
+    @pytest.mark.parametrize("duration", ["", "soon", "15", "-5m", "1x"])
+    def test_a_bad_duration_is_a_usage_error(self, sqlite_url: str, duration: str) -> None:
+        result = run("--db", sqlite_url, "sweep", "--older-than", duration)
+        assert result.exit_code == 2
+        assert "not a duration" in result.stderr
