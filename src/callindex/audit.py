@@ -92,12 +92,12 @@ def sweep(db: Database, older_than_seconds: float) -> list[dict[str, Any]]:
         result = conn.execute(db.queries["sweep_pending"], {"seconds": older_than_seconds})
         return [dict(row._mapping) for row in result]
 
-    return db.write(mark, single_statement=True)
+    return db.write(mark, autocommit=True)
 
 
 def repair(db: Database) -> list[dict[str, Any]]:
     """Move every counter that is behind its calls to ``max(call_index) + 1``."""
     return db.write(
         lambda conn: [dict(row._mapping) for row in conn.execute(db.queries["repair_counters"])],
-        single_statement=True,
+        autocommit=True,
     )

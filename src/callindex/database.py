@@ -51,6 +51,7 @@ _UNDEFINED_FUNCTION: Final = "42883"
 _CONTENTION_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
 _UNAVAILABLE_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 _SQLITE_BUSY_CODES: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+_READ_ONLY: Final = "callindex_read_only"
 _USERINFO: Final = re.compile(r"(?<=://)[^@/]*@")
 
 
@@ -125,7 +126,10 @@ def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) ->
 
 
 def _begin_immediate(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # Readers need no lock under WAL: a plain (deferred) BEGIN keeps them from
+    # queueing behind writers.
+    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def build_engine(url: str | URL) -> Engine:
@@ -188,16 +192,17 @@ class Database:
         work: Callable[[Connection], T],
         *,
         connection: Connection | None = None,
-        single_statement: bool = False,
+        autocommit: bool = False,
     ) -> T:
         """Run ``work`` in a write transaction and return its result.
 
         With ``connection``, ``work`` joins the caller's transaction, which the
         caller commits or rolls back, and is not retried. Otherwise callindex
         commits before returning and retries the whole transaction under the
-        retry policy, so ``work`` must be safe to repeat. ``single_statement``
-        declares that ``work`` runs exactly one statement, which may then
-        commit by itself where the backend allows.
+        retry policy, so ``work`` must be safe to repeat. ``autocommit``
+        declares that ``work`` stays correct when each of its statements
+        commits by itself (one write, possibly followed by reads): PostgreSQL
+        then runs it without BEGIN and COMMIT, one round trip per statement.
         """
         if connection is not None:
             with self.translated_errors():
@@ -205,9 +210,9 @@ class Database:
 
         def attempt() -> T:
             with self.translated_errors():
-                if single_statement and self.backend == "postgresql":
-                    with self._autocommit_engine.connect() as autocommit:
-                        return work(autocommit)
+                if autocommit and self.backend == "postgresql":
+                    with self._autocommit_engine.connect() as conn:
+                        return work(conn)
                 with self.engine.begin() as transaction:
                     return work(transaction)
 
@@ -218,7 +223,7 @@ class Database:
 
         def attempt() -> T:
             with self.translated_errors(), self.engine.connect() as conn:
-                return work(conn)
+                return work(conn.execution_options(**{_READ_ONLY: True}))
 
         return self.retry.call(attempt)
 

@@ -46,7 +46,7 @@ class CallRecorder:
         self._db.write(
             lambda conn: allocator.open_state(self._db, conn, state_id),
             connection=connection,
-            single_statement=True,
+            autocommit=True,
         )
 
     def allocate_call_index(
@@ -64,7 +64,7 @@ class CallRecorder:
         return self._db.write(
             lambda conn: allocator.allocate(self._db, conn, state_id, count),
             connection=connection,
-            single_statement=True,
+            autocommit=True,
         )
 
     def allocate_call_indices(
@@ -106,7 +106,9 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **outcome.parameters(),
         }
-        return self._db.write(lambda conn: calls.insert(self._db, conn, parameters))
+        return self._db.write(
+            lambda conn: calls.insert(self._db, conn, parameters), autocommit=True
+        )
 
     def begin_call(
         self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
@@ -121,7 +123,9 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return self._db.write(lambda conn: calls.insert(self._db, conn, parameters))
+        return self._db.write(
+            lambda conn: calls.insert(self._db, conn, parameters), autocommit=True
+        )
 
     def finish_call(
         self,
@@ -135,7 +139,9 @@ class CallRecorder:
         a different one raises :class:`CallAlreadyFinishedError`."""
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
-        return self._db.write(lambda conn: calls.finish(self._db, conn, call_id, outcome))
+        return self._db.write(
+            lambda conn: calls.finish(self._db, conn, call_id, outcome), autocommit=True
+        )
 
     def _new_call(
         self, state_id: str, call_type: str, request: Any, call_id: str | None
