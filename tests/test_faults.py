@@ -41,6 +41,7 @@ from workers import (
     record_many,
     record_same_ids,
     run_workers,
+    spawn_until_held,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,15 +52,6 @@ def _merge_acknowledged(results: list[dict[str, Any]]) -> dict[str, tuple[str, i
     for result in results:
         merged.update({cid: (s, i) for cid, (s, i) in result["acknowledged"].items()})
     return merged
-
-
-def _spawn_and_wait(target: Any, *args: Any) -> tuple[Any, Any]:
-    held = SPAWN.Event()
-    report = SPAWN.Queue()
-    process = SPAWN.Process(target=target, args=(*args, held, report))
-    process.start()
-    assert held.wait(timeout=60), "the worker never reached the point to kill it at"
-    return process, report
 
 
 def _kill(process: Any) -> None:
@@ -73,7 +65,7 @@ class TestWorkerKilled:
         with CallRecorder(db_url) as recorder:
             recorder.open_state("s1")
             first = recorder.record_call("s1", "http", "success", {"n": 0})
-            process, report = _spawn_and_wait(hold_allocation, db_url, "s1")
+            process, report = spawn_until_held(hold_allocation, db_url, "s1")
             assert report.get(timeout=10) == 1
             _kill(process)
             # The killed transaction never committed: its index goes to the next call.
@@ -84,7 +76,7 @@ class TestWorkerKilled:
     def test_between_begin_and_finish_a_pending_row_remains_until_swept(self, db_url: str) -> None:
         with CallRecorder(db_url) as recorder:
             recorder.open_state("s1")
-            process, report = _spawn_and_wait(hang_between_begin_and_finish, db_url, "s1")
+            process, report = spawn_until_held(hang_between_begin_and_finish, db_url, "s1")
             call_id, index = report.get(timeout=10)
             _kill(process)
             assert [(c.call_id, c.call_index, c.status) for c in recorder.calls("s1")] == [

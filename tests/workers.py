@@ -53,6 +53,17 @@ def run_workers(
     return collected
 
 
+def spawn_until_held(target: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+    """Start ``target(*args, held, report)`` in a process and wait until it sets
+    ``held``; return the process and its ``report`` queue."""
+    held = SPAWN.Event()
+    report = SPAWN.Queue()
+    process = SPAWN.Process(target=target, args=(*args, held, report))
+    process.start()
+    assert held.wait(timeout=60), "the worker never reached the point to stop it at"
+    return process, report
+
+
 def allocate_many(
     barrier: Barrier, results: Any, url: str, state_id: str, times: int, count: int = 1
 ) -> None:
@@ -217,3 +228,36 @@ def hold_sqlite_write_lock(path: str, held: Any, seconds: float) -> None:
     time.sleep(seconds)
     conn.execute("ROLLBACK")
     conn.close()
+
+
+def call_with_both_clients(
+    barrier: Barrier, results: Any, url: str, api_url: str, state_id: str, calls: int
+) -> None:
+    """Make ``calls`` HTTP calls and ``calls`` LLM calls on one state, interleaved."""
+    from callindex import AuditedHTTPClient, AuditedLLMClient
+
+    try:
+        with (
+            CallRecorder(url) as recorder,
+            AuditedHTTPClient(recorder, state_id, base_url=api_url) as http,
+            AuditedLLMClient(recorder, state_id, base_url=f"{api_url}/v1", model="m") as llm,
+        ):
+            barrier.wait()
+            for n in range(calls):
+                http.get(f"/items/{n}").raise_for_status()
+                llm.chat([{"role": "user", "content": f"call {n}"}])
+        results.put(calls * 2)
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def request_and_hang(url: str, api_url: str, state_id: str, held: Any, report: Any) -> None:
+    """Start a request the server answers very slowly; the parent kills us mid-request."""
+    from callindex import AuditedHTTPClient
+
+    with (
+        CallRecorder(url) as recorder,
+        AuditedHTTPClient(recorder, state_id, base_url=api_url) as http,
+    ):
+        held.set()
+        http.get("/items/slow")

@@ -2,6 +2,16 @@
 
 from callindex.audit import Report
 from callindex.calls import Call, CallStatus, CallType
+from callindex.clients import (
+    AsyncAuditedHTTPClient,
+    AsyncAuditedLLMClient,
+    AuditedHTTPClient,
+    AuditedLLMClient,
+    AuditedTransport,
+    ChatResult,
+    Redactor,
+    Usage,
+)
 from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
@@ -26,10 +36,15 @@ from callindex.errors import (
 )
 from callindex.payloads import MAX_PAYLOAD_BYTES
 from callindex.recorder import CallRecorder
-from callindex.retry import DatabaseRetryPolicy
+from callindex.retry import DatabaseRetryPolicy, RetryPolicy
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "AsyncAuditedHTTPClient",
+    "AsyncAuditedLLMClient",
+    "AuditedHTTPClient",
+    "AuditedLLMClient",
+    "AuditedTransport",
     "Call",
     "CallAlreadyFinishedError",
     "CallIdConflictError",
@@ -37,6 +52,7 @@ __all__ = [
     "CallRecorder",
     "CallStatus",
     "CallType",
+    "ChatResult",
     "ConfigurationError",
     "ContentionError",
     "CounterBehindError",
@@ -50,10 +66,13 @@ __all__ = [
     "InvalidPayloadError",
     "InvalidStateIdError",
     "PayloadTooLargeError",
+    "Redactor",
     "Report",
+    "RetryPolicy",
     "SchemaError",
     "SchemaMissingError",
     "SchemaVersionError",
     "UnknownCallError",
     "UnknownStateError",
+    "Usage",
 ]

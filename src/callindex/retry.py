@@ -1,4 +1,6 @@
-"""Retry policies, built from tenacity's composable pieces.
+"""Retry policies, built from tenacity's composable pieces: one for database
+work (:class:`DatabaseRetryPolicy`), one for the audited HTTP and LLM clients
+(:class:`RetryPolicy`).
 
 :class:`DatabaseRetryPolicy` is the only place callindex retries database
 work. It retries what a new attempt can fix (a lost connection, a server
@@ -14,9 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, TypeVar
 
+import httpx
 from tenacity import (
+    RetryCallState,
     Retrying,
     before_sleep_log,
     retry_if_exception_type,
@@ -24,6 +30,7 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+from tenacity.wait import wait_base
 
 from callindex.errors import ContentionError, DatabaseUnavailableError, InvalidInputError
 
@@ -67,3 +74,123 @@ class DatabaseRetryPolicy:
 
 
 NO_RETRY = DatabaseRetryPolicy(max_attempts=1, max_seconds=0)
+
+
+RETRY_STATUSES: Final = frozenset({408, 409, 429, *range(500, 600)})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+RETRY_SAFE_EXTENSION: Final = "callindex.retry_safe"
+
+http_logger = logging.getLogger("callindex.http")
+
+
+class RetryableResponse(Exception):
+    """Raised inside the retry loop for a response worth another attempt."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+def retry_after_seconds(headers: httpx.Headers, now: datetime | None = None) -> float | None:
+    """The delay a response asks for: ``retry-after-ms``, else ``Retry-After`` in
+    seconds or as an HTTP date; ``None`` when absent or unreadable."""
+    if (milliseconds := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+
+
+class wait_retry_after(wait_base):
+    """Wait what the server asked for (capped), else fall back to ``fallback``."""
+
+    def __init__(self, fallback: wait_base, cap: float) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, RetryableResponse):
+            asked = retry_after_seconds(error.response.headers)
+            if asked is not None:
+                return min(asked, self.cap)
+        return float(self.fallback(retry_state))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When the audited clients repeat an HTTP request. Every attempt is
+    recorded as a call of its own.
+
+    Retried: 408, 409, 429 and 5xx responses and transport errors (connect
+    errors, timeouts, dropped connections). The wait is what ``retry-after-ms``
+    or ``Retry-After`` asks for, capped at ``max_retry_after``; otherwise
+    exponential backoff with full jitter between ``initial_wait`` and
+    ``max_wait``. Bounded by ``max_attempts`` and ``max_seconds``. Requests
+    with a non-idempotent method (POST, PATCH) are retried only when
+    ``retry_unsafe_methods`` is set or the request carries the extension
+    ``{"callindex.retry_safe": True}``. When the attempts run out on a
+    retryable status, the last response is returned as it is.
+    """
+
+    max_attempts: int = 4
+    max_seconds: float = 60.0
+    initial_wait: float = 0.5
+    max_wait: float = 10.0
+    max_retry_after: float = 60.0
+    retry_unsafe_methods: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.max_seconds < 0 or self.max_retry_after < 0:
+            raise InvalidInputError(
+                "max_attempts must be >= 1, max_seconds and max_retry_after >= 0"
+            )
+        if not 0 < self.initial_wait <= self.max_wait:
+            raise InvalidInputError("need 0 < initial_wait <= max_wait")
+
+    def allows(self, request: httpx.Request) -> bool:
+        """Whether ``request`` may be sent more than once."""
+        marked = request.extensions.get(RETRY_SAFE_EXTENSION)
+        if marked is not None:
+            return bool(marked)
+        return self.retry_unsafe_methods or request.method.upper() in IDEMPOTENT_METHODS
+
+    def tenacity_arguments(self) -> dict[str, Any]:
+        """Arguments for tenacity's ``Retrying`` and ``AsyncRetrying`` alike."""
+        return {
+            "retry": retry_if_exception_type((httpx.TransportError, RetryableResponse)),
+            "wait": wait_retry_after(
+                wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
+                cap=self.max_retry_after,
+            ),
+            "stop": stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_seconds),
+            "before_sleep": before_sleep_log(http_logger, logging.WARNING),
+            "retry_error_callback": _last_response_or_raise,
+        }
+
+
+def _last_response_or_raise(retry_state: RetryCallState) -> httpx.Response:
+    assert retry_state.outcome is not None
+    error = retry_state.outcome.exception()
+    if isinstance(error, RetryableResponse):
+        return error.response
+    assert error is not None
+    raise error
+
+
+NO_HTTP_RETRY = RetryPolicy(max_attempts=1)
+DEFAULT_HTTP_RETRY = RetryPolicy()

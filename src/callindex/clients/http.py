@@ -1,0 +1,142 @@
+"""``AuditedHTTPClient`` and ``AsyncAuditedHTTPClient``: httpx clients whose
+every attempt is recorded by an :class:`AuditedTransport` and retried under a
+:class:`~callindex.retry.RetryPolicy`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final
+
+import httpx
+from tenacity import AsyncRetrying, Retrying
+
+from callindex.calls import CallType
+from callindex.clients.redaction import Redactor
+from callindex.clients.transport import (
+    ATTEMPT_EXTENSION,
+    OPERATION_EXTENSION,
+    Annotator,
+    AuditedTransport,
+)
+from callindex.recorder import CallRecorder
+from callindex.retry import (
+    DEFAULT_HTTP_RETRY,
+    NO_HTTP_RETRY,
+    RETRY_STATUSES,
+    RetryableResponse,
+    RetryPolicy,
+)
+
+DEFAULT_TIMEOUT: Final = httpx.Timeout(30.0, connect=10.0)
+
+
+class _Attempts:
+    """Numbers the attempts of one logical request and marks each on the request,
+    so the transport records its attempt number and operation id."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.operation_id = str(uuid.uuid4())
+        self.count = 0
+
+    def next(self) -> httpx.Request:
+        self.count += 1
+        self.request.extensions = {
+            **self.request.extensions,
+            ATTEMPT_EXTENSION: self.count,
+            OPERATION_EXTENSION: self.operation_id,
+        }
+        return self.request
+
+
+def _policy_for(policy: RetryPolicy, request: httpx.Request) -> RetryPolicy:
+    return policy if policy.allows(request) else NO_HTTP_RETRY
+
+
+class AuditedHTTPClient(httpx.Client):
+    """An ``httpx.Client`` that records every attempt of every request under
+    ``state_id``, with its own database-allocated index, and retries under
+    ``retry`` (``None``: never)."""
+
+    def __init__(
+        self,
+        recorder: CallRecorder,
+        state_id: str,
+        *,
+        base_url: str | httpx.URL = "",
+        headers: dict[str, str] | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
+        redactor: Redactor | None = None,
+        inner: httpx.BaseTransport | None = None,
+        call_type: CallType = "http",
+        annotator: Annotator | None = None,
+    ) -> None:
+        self.retry_policy = retry or NO_HTTP_RETRY
+        super().__init__(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=AuditedTransport(
+                recorder, state_id, inner, call_type=call_type, redactor=redactor,
+                annotator=annotator,
+            ),
+        )  # fmt: skip
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        attempts = _Attempts(request)
+
+        def attempt() -> httpx.Response:
+            response = super(AuditedHTTPClient, self).send(attempts.next(), **kwargs)
+            if response.status_code in RETRY_STATUSES:
+                response.read()
+                raise RetryableResponse(response)
+            return response
+
+        policy = _policy_for(self.retry_policy, request)
+        response: httpx.Response = Retrying(**policy.tenacity_arguments())(attempt)
+        return response
+
+
+class AsyncAuditedHTTPClient(httpx.AsyncClient):
+    """The asyncio twin of :class:`AuditedHTTPClient`. Database work runs in
+    worker threads (bounded), never on the event loop."""
+
+    def __init__(
+        self,
+        recorder: CallRecorder,
+        state_id: str,
+        *,
+        base_url: str | httpx.URL = "",
+        headers: dict[str, str] | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
+        redactor: Redactor | None = None,
+        inner: httpx.AsyncBaseTransport | None = None,
+        call_type: CallType = "http",
+        annotator: Annotator | None = None,
+    ) -> None:
+        self.retry_policy = retry or NO_HTTP_RETRY
+        super().__init__(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=AuditedTransport(
+                recorder, state_id, inner, call_type=call_type, redactor=redactor,
+                annotator=annotator,
+            ),
+        )  # fmt: skip
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        attempts = _Attempts(request)
+
+        async def attempt() -> httpx.Response:
+            response = await super(AsyncAuditedHTTPClient, self).send(attempts.next(), **kwargs)
+            if response.status_code in RETRY_STATUSES:
+                await response.aread()
+                raise RetryableResponse(response)
+            return response
+
+        policy = _policy_for(self.retry_policy, request)
+        response: httpx.Response = await AsyncRetrying(**policy.tenacity_arguments())(attempt)
+        return response

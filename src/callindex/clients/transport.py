@@ -1,0 +1,254 @@
+"""``AuditedTransport``: records every request that passes through an httpx
+(or httpx2) client as a two-phase call.
+
+``begin_call`` writes a ``pending`` row with its index before the request is
+sent; ``finish_call`` completes it when the response body has been read and
+closed (or the request failed). No transaction is open while the request is
+in flight. A failure to record ``begin_call`` means the request is not sent:
+no external call goes unaudited.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Final, Protocol
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from callindex.calls import Call, CallType, FinalStatus
+from callindex.clients.bodies import BodyTap
+from callindex.clients.redaction import Redactor
+from callindex.recorder import CallRecorder
+
+ATTEMPT_EXTENSION: Final = "callindex.attempt"
+OPERATION_EXTENSION: Final = "callindex.operation_id"
+DEFAULT_THREAD_LIMIT: Final = 8
+
+
+class Annotator(Protocol):
+    """Adds semantic attributes (e.g. OpenTelemetry GenAI fields) to a record."""
+
+    def request_attributes(self, body: Any) -> dict[str, Any]: ...
+
+    def response_attributes(self, body: Any) -> dict[str, Any]: ...
+
+
+class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wraps ``inner`` (default: httpx's own HTTP transport) and records each
+    request under ``state_id`` with ``call_type`` (``"http"`` by default).
+
+    Works as the transport of an ``httpx.Client``/``AsyncClient`` and, relying
+    only on the duck-typed transport surface, of an ``httpx2`` client with an
+    ``httpx2`` inner transport (as the openai and anthropic SDKs use). In async
+    use the database work runs in worker threads, at most ``thread_limit`` at
+    once, so the event loop is never blocked.
+    """
+
+    def __init__(
+        self,
+        recorder: CallRecorder,
+        state_id: str,
+        inner: Any = None,
+        *,
+        call_type: CallType = "http",
+        redactor: Redactor | None = None,
+        annotator: Annotator | None = None,
+        thread_limit: int = DEFAULT_THREAD_LIMIT,
+    ) -> None:
+        self.recorder = recorder
+        self.state_id = state_id
+        self.call_type: CallType = call_type
+        self.redactor = redactor or Redactor.from_environment()
+        self.annotator = annotator
+        self._inner = inner
+        self._limiter = anyio.CapacityLimiter(thread_limit)
+
+    # Sync
+
+    def handle_request(self, request: Any) -> Any:
+        if self._inner is None:
+            self._inner = httpx.HTTPTransport()
+        exchange = _Exchange(self, request)
+        exchange.begin()
+        try:
+            response = self._inner.handle_request(request)
+        except Exception as error:
+            exchange.fail(error)
+            raise
+        return exchange.watch(response)
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+
+    # Async
+
+    async def handle_async_request(self, request: Any) -> Any:
+        if self._inner is None:
+            self._inner = httpx.AsyncHTTPTransport()
+        exchange = _Exchange(self, request)
+        await self._in_thread(exchange.begin)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except Exception as error:
+            await self._in_thread(functools.partial(exchange.fail, error))
+            raise
+        return exchange.watch(response)
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
+
+    async def _in_thread(self, work: Callable[[], Any]) -> Any:
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+
+
+class _Exchange:
+    """One request through the transport, from ``begin_call`` to ``finish_call``."""
+
+    def __init__(self, transport: AuditedTransport, request: Any) -> None:
+        self.transport = transport
+        self.request = request
+        self.started = time.perf_counter()
+        self.call: Call | None = None
+        self.response: Any = None
+        self.headers_ms: float | None = None
+        self.finished = False
+        headers = list(request.headers.multi_items())
+        self.secrets = Redactor.secrets_in(str(request.url), headers)
+        self.tap = BodyTap()
+
+    def begin(self) -> None:
+        redactor = self.transport.redactor
+        body = BodyTap(_request_content(self.request))
+        record = body.record(self.request.headers.get("content-type"))
+        payload: dict[str, Any] = {
+            "method": self.request.method,
+            "url": redactor.url(str(self.request.url)),
+            "headers": redactor.headers(self.request.headers.multi_items()),
+            "body": record,
+        }
+        extensions = self.request.extensions
+        for key, name in ((ATTEMPT_EXTENSION, "attempt"), (OPERATION_EXTENSION, "operation_id")):
+            if key in extensions:
+                payload[name] = extensions[key]
+        if self.transport.annotator and record and "json" in record:
+            payload["attributes"] = self.transport.annotator.request_attributes(record["json"])
+        self.call = self.transport.recorder.begin_call(
+            self.transport.state_id, self.transport.call_type, payload
+        )
+
+    def fail(self, error: BaseException) -> None:
+        """Record a request that got no (complete) response."""
+        if self.finished or self.call is None:
+            return
+        self.finished = True
+        message = self.transport.redactor.scrub(str(error), self.secrets)
+        self.transport.recorder.finish_call(
+            self.call.call_id,
+            "error",
+            response=self._response_payload(complete=False) if self.response else None,
+            error={"type": type(error).__name__, "message": message},
+            latency_ms=self._elapsed_ms(),
+        )
+
+    def complete(self, *, complete: bool) -> None:
+        """Record the response once its body is read, or abandoned by the reader."""
+        if self.finished or self.call is None:
+            return
+        self.finished = True
+        status: FinalStatus = "success" if 200 <= self.response.status_code < 300 else "error"
+        self.transport.recorder.finish_call(
+            self.call.call_id,
+            status,
+            response=self._response_payload(complete=complete),
+            latency_ms=self._elapsed_ms(),
+        )
+
+    def watch(self, response: Any) -> Any:
+        """Put a recording stream in front of the response body."""
+        self.response = response
+        self.headers_ms = self._elapsed_ms()
+        library = type(response).__module__.partition(".")[0]  # "httpx" or "httpx2"
+        response.stream = _recording_stream_type(library)(response.stream, self)
+        return response
+
+    def _response_payload(self, *, complete: bool) -> dict[str, Any]:
+        response = self.response
+        record = self.tap.record(response.headers.get("content-type"), complete=complete)
+        payload: dict[str, Any] = {
+            "status_code": response.status_code,
+            "headers": self.transport.redactor.headers(response.headers.multi_items()),
+            "body": record,
+            "time_to_headers_ms": self.headers_ms,
+        }
+        if self.transport.annotator and record and "json" in record:
+            payload["attributes"] = self.transport.annotator.response_attributes(record["json"])
+        return payload
+
+    def _elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+def _request_content(request: Any) -> bytes:
+    try:
+        return bytes(request.content)
+    except Exception:  # a streamed upload, not read: record it without its body
+        return b""
+
+
+class _RecordingStreamBase:
+    """Passes the body through to the reader and finishes the call on close."""
+
+    def __init__(self, inner: Any, exchange: _Exchange) -> None:
+        self._inner = inner
+        self._exchange = exchange
+        self._exhausted = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._inner:
+                self._exchange.tap.feed(chunk)
+                yield chunk
+        except Exception as error:
+            self._exchange.fail(error)
+            raise
+        self._exhausted = True
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._exchange.complete(complete=self._exhausted)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                self._exchange.tap.feed(chunk)
+                yield chunk
+        except Exception as error:
+            await self._exchange.transport._in_thread(functools.partial(self._exchange.fail, error))
+            raise
+        self._exhausted = True
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._exchange.transport._in_thread(
+                functools.partial(self._exchange.complete, complete=self._exhausted)
+            )
+
+
+@functools.cache
+def _recording_stream_type(library_name: str) -> type[_RecordingStreamBase]:
+    """A recording stream that the response's own library (httpx or httpx2)
+    accepts: a subclass of that library's byte stream classes."""
+    library = sys.modules[library_name]
+    bases = (_RecordingStreamBase, library.SyncByteStream, library.AsyncByteStream)
+    return type(f"Recording{library_name.title()}Stream", bases, {})
