@@ -73,6 +73,10 @@ CREATE FUNCTION callindex_guard_calls() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        RAISE EXCEPTION 'callindex: % cannot be truncated: the audit trail is append-only',
+            TG_TABLE_NAME USING ERRCODE = 'CX001';
+    END IF;
     IF TG_OP = 'DELETE' THEN
         RAISE EXCEPTION 'callindex: call % cannot be deleted: the audit trail is append-only',
             OLD.call_id USING ERRCODE = 'CX001';
@@ -82,6 +86,7 @@ BEGIN
             OLD.call_id, OLD.status USING ERRCODE = 'CX001';
     END IF;
     IF NEW.status = 'pending'
+       OR NEW.completed_at IS NULL
        OR NEW.call_id IS DISTINCT FROM OLD.call_id
        OR NEW.state_id IS DISTINCT FROM OLD.state_id
        OR NEW.call_index IS DISTINCT FROM OLD.call_index
@@ -89,14 +94,31 @@ BEGIN
        OR NEW.request IS DISTINCT FROM OLD.request
        OR NEW.request_hash IS DISTINCT FROM OLD.request_hash
        OR NEW.created_at IS DISTINCT FROM OLD.created_at THEN
-        RAISE EXCEPTION 'callindex: pending call % may only be finished or abandoned',
-            OLD.call_id USING ERRCODE = 'CX001';
+        RAISE EXCEPTION 'callindex: pending call % may only be finished or abandoned, '
+            'with its completed_at', OLD.call_id USING ERRCODE = 'CX001';
     END IF;
     RETURN NEW;
 END;
 $$;
 
 CREATE TRIGGER callindex_guard_calls BEFORE UPDATE OR DELETE ON calls FOR EACH ROW EXECUTE FUNCTION callindex_guard_calls();
+
+CREATE TRIGGER callindex_guard_calls_truncate BEFORE TRUNCATE ON calls FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_calls();
+
+CREATE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward and is never deleted '
+        '(% on call_index_counters)', TG_OP USING ERRCODE = 'CX001';
+END;
+$$;
+
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters FOR EACH ROW WHEN (NEW.next_index < OLD.next_index OR NEW.state_id <> OLD.state_id) EXECUTE FUNCTION callindex_guard_counters();
+
+CREATE TRIGGER callindex_guard_counters_delete BEFORE DELETE ON call_index_counters FOR EACH ROW EXECUTE FUNCTION callindex_guard_counters();
+
+CREATE TRIGGER callindex_guard_counters_truncate BEFORE TRUNCATE ON call_index_counters FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_counters();
 
 UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';
 

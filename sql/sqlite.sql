@@ -52,6 +52,7 @@ END;
 CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
 WHEN OLD.status <> 'pending'
      OR NEW.status = 'pending'
+     OR NEW.completed_at IS NULL
      OR NEW.call_id IS NOT OLD.call_id
      OR NEW.state_id IS NOT OLD.state_id
      OR NEW.call_index IS NOT OLD.call_index
@@ -61,6 +62,29 @@ WHEN OLD.status <> 'pending'
      OR NEW.created_at IS NOT OLD.created_at
 BEGIN
     SELECT RAISE(ABORT, 'callindex: a call may change only from pending to finished');
+END;
+
+CREATE TRIGGER callindex_guard_calls_replace_id BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE call_id = NEW.call_id)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a recorded call cannot be replaced');
+END;
+
+CREATE TRIGGER callindex_guard_calls_replace_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_index taken: the counter is behind its calls');
+END;
+
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
+WHEN NEW.next_index < OLD.next_index OR NEW.state_id IS NOT OLD.state_id
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter may only move forward');
+END;
+
+CREATE TRIGGER callindex_guard_counters_delete BEFORE DELETE ON call_index_counters
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter is never deleted');
 END;
 
 UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';

@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from callindex import (
     CallIndexError,
     CallRecorder,
     ConfigurationError,
+    DatabaseRetryPolicy,
     DatabaseUnavailableError,
     InvalidCallError,
     InvalidCountError,
+    InvalidInputError,
     InvalidPayloadError,
     InvalidStateIdError,
     PayloadTooLargeError,
@@ -108,6 +111,9 @@ def test_an_unreachable_server_raises_database_unavailable_without_the_password(
         ("postgresql+asyncpg://localhost/db", "unsupported PostgreSQL driver"),
         ("sqlite://", "in-memory"),
         ("sqlite:///:memory:", "in-memory"),
+        ("sqlite:///x.db?timeout=abc", "timeout must be seconds"),
+        ("postgresql://u:hunter2-secret@h:abc/db", "not a database URL"),
+        ("postgresql:/u:hunter2-secret@h/db", "not a database URL"),
     ],
 )
 def test_a_bad_url_raises_configuration_error(url: str, message: str) -> None:
@@ -217,3 +223,50 @@ def test_finish_call_refuses_a_status_that_is_not_final(
     with pytest.raises(InvalidCallError):
         recorder.finish_call(begun.call_id, status)  # type: ignore[arg-type]
     assert call_rows(db_url) == [(begun.call_id, "s1", 0, "pending")]
+
+
+def test_a_password_in_the_query_string_never_shows() -> None:
+    url = "postgresql+psycopg://someone@127.0.0.1:1/x?password=hunter2-secret&connect_timeout=2"
+    policy = DatabaseRetryPolicy(max_attempts=1)
+    with (
+        CallRecorder(url, retry=policy) as recorder,
+        pytest.raises(DatabaseUnavailableError) as raised,
+    ):
+        recorder.allocate_call_index("s1")
+    assert "hunter2-secret" not in str(raised.value) and "hunter2-secret" not in repr(recorder)
+
+
+def test_a_refused_login_is_not_retried(
+    postgresql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = make_url(postgresql_url).set(username="no_such_role_here").render_as_string(False)
+    with CallRecorder(url) as recorder, pytest.raises(ConfigurationError, match="does not exist"):
+        recorder.allocate_call_index("s1")
+    assert not [r for r in caplog.records if r.name == "callindex.retry"]
+
+
+@pytest.mark.parametrize("seconds", ["10", float("nan"), float("inf"), -1, None, True])
+def test_sweep_and_verify_refuse_a_bad_age(recorder: CallRecorder, seconds: object) -> None:
+    with pytest.raises(InvalidInputError):
+        recorder.sweep(seconds)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        recorder.verify(seconds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"max_attempts": "3"}, {"max_attempts": 0}, {"max_seconds": "1"}, {"initial_wait": -1}],
+)
+def test_a_nonsensical_database_retry_policy_is_refused(arguments: dict[str, object]) -> None:
+    with pytest.raises(InvalidInputError):
+        DatabaseRetryPolicy(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("counts", [None, [("s1", 1)], {"s1": 0}, {"": 1}])
+def test_allocate_call_indices_refuses_bad_counts(
+    recorder: CallRecorder, db_url: str, counts: object
+) -> None:
+    recorder.open_state("s1")
+    with pytest.raises(InvalidInputError):
+        recorder.allocate_call_indices(counts)  # type: ignore[arg-type]
+    assert counter_value(db_url, "s1") == 0

@@ -13,7 +13,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, make_url, text
 
 import callindex
-from callindex import CallRecorder, SchemaMissingError, SchemaVersionError, migrations
+from callindex import (
+    CallRecorder,
+    ConfigurationError,
+    SchemaMissingError,
+    SchemaVersionError,
+    migrations,
+)
 from callindex.database import Database
 from callindex.resources import resource_dir
 
@@ -200,4 +206,18 @@ def test_every_upgrade_and_downgrade_keeps_the_data(empty_db_url: str) -> None:
     migrations.upgrade(db)
     with CallRecorder(empty_db_url) as recorder:
         assert recorder.record_call("s", "http", "success", {}).call_index == 2
+    db.dispose()
+
+
+def test_downgrading_away_recorded_calls_needs_force(db_url: str) -> None:
+    db = Database(db_url)
+    with CallRecorder(db_url) as recorder:
+        recorder.open_state("s1")
+        recorder.record_call("s1", "http", "success", {})
+    for revision in ("base", "-2"):
+        with pytest.raises(ConfigurationError, match="holds 1 recorded calls"):
+            migrations.downgrade(db, revision)
+    assert migrations.current_revision(db) == migrations.head_revision()
+    migrations.downgrade(db, "base", force=True)
+    assert migrations.current_revision(db) is None
     db.dispose()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import exc, text
+from sqlalchemy import event, exc, text
 
 from callindex import (
     CallAlreadyFinishedError,
@@ -133,20 +135,63 @@ class TestTheDatabaseGuardsTheTrail:
             "DELETE FROM calls WHERE call_id = 'open'",
             "UPDATE calls SET request = NULL WHERE call_id = 'open'",
             "UPDATE calls SET call_index = 9 WHERE call_id = 'open'",
+            "UPDATE calls SET status = 'success' WHERE call_id = 'open'",  # no completed_at
+            "UPDATE call_index_counters SET next_index = 0",
+            "DELETE FROM call_index_counters WHERE state_id = 'empty'",
         ],
     )
     def test_refused(self, opened: CallRecorder, db_url: str, statement: str) -> None:
         opened.record_call("s1", "http", "success", {"a": 1}, {"b": 2}, call_id="done")
         opened.begin_call("s1", "http", {"a": 1}, call_id="open")
-        before = call_rows(db_url)
+        opened.open_state("empty")
+        before = (call_rows(db_url), counter_value(db_url, "s1"), counter_value(db_url, "empty"))
         with pytest.raises(exc.DBAPIError, match="callindex: "), opened.engine.begin() as conn:
             conn.execute(text(statement))
-        assert call_rows(db_url) == before
+        assert (call_rows(db_url), counter_value(db_url, "s1"), counter_value(db_url, "empty")) == (
+            before
+        )
+
+    @pytest.mark.parametrize("table", ["calls", "call_index_counters"])
+    def test_postgresql_refuses_truncate(self, postgresql_url: str, table: str) -> None:
+        with CallRecorder(postgresql_url) as recorder:
+            recorder.open_state("s1")
+            recorder.record_call("s1", "http", "success", {})
+            with (
+                pytest.raises(exc.DBAPIError, match=r"cannot be truncated|never deleted"),
+                recorder.engine.begin() as conn,
+            ):
+                conn.execute(text(f"TRUNCATE {table} CASCADE"))
+        assert len(call_rows(postgresql_url)) == 1
+
+    @pytest.mark.parametrize(
+        "replacement",
+        [
+            "('done', 's1', 5, 'http', 'error')",  # same call_id
+            "('other', 's1', 0, 'http', 'error')",  # same (state_id, call_index)
+        ],
+    )
+    def test_sqlite_refuses_insert_or_replace(self, sqlite_url: str, replacement: str) -> None:
+        with CallRecorder(sqlite_url) as recorder:
+            recorder.open_state("s1")
+            recorder.record_call("s1", "http", "success", {}, call_id="done")
+            before = call_rows(sqlite_url)
+            columns = "(call_id, state_id, call_index, call_type, status)"
+            with (
+                pytest.raises(exc.DBAPIError, match="callindex: "),
+                recorder.engine.begin() as conn,
+            ):
+                conn.execute(text(f"INSERT OR REPLACE INTO calls {columns} VALUES {replacement}"))
+        assert call_rows(sqlite_url) == before
 
     def test_a_pending_call_may_be_finished_by_sql(self, opened: CallRecorder) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="open")
         with opened.engine.begin() as conn:
-            conn.execute(text("UPDATE calls SET status = 'success' WHERE call_id = 'open'"))
+            conn.execute(
+                text(
+                    "UPDATE calls SET status = 'success', completed_at = CURRENT_TIMESTAMP "
+                    "WHERE call_id = 'open'"
+                )
+            )
         assert opened.calls("s1")[0].status == "success"
 
 
@@ -219,3 +264,56 @@ def test_allocating_for_several_states_at_once(opened: CallRecorder) -> None:
     with pytest.raises(UnknownStateError):
         opened.allocate_call_indices({"s1": 1, "zz-unknown": 1})
     assert opened.allocate_call_index("s1") == 4  # the failed pair rolled back whole
+
+
+class TestRepeatingACallIdWithAnotherOutcome:
+    def test_record_call_on_a_pending_call_is_refused(self, opened: CallRecorder) -> None:
+        opened.begin_call("s1", "http", {"a": 1}, call_id="c")
+        with pytest.raises(CallIdConflictError, match="finish it with finish_call"):
+            opened.record_call("s1", "http", "success", {"a": 1}, {"ok": 1}, call_id="c")
+        assert opened.calls("s1")[0].status == "pending"
+
+    def test_record_call_with_another_outcome_is_refused(self, opened: CallRecorder) -> None:
+        opened.record_call("s1", "http", "success", {"a": 1}, {"ok": 1}, call_id="c")
+        with pytest.raises(CallIdConflictError, match="another outcome"):
+            opened.record_call("s1", "http", "error", {"a": 1}, error={"e": 1}, call_id="c")
+
+    def test_begin_call_repeated_after_the_call_finished_returns_it(
+        self, opened: CallRecorder
+    ) -> None:
+        begun = opened.begin_call("s1", "http", {"a": 1}, call_id="c")
+        done = opened.finish_call("c", "success")
+        assert opened.begin_call("s1", "http", {"a": 1}, call_id="c") == done != begun
+
+
+class TestAResultLostAfterCommit:
+    """The connection breaks after the database committed but before the caller
+    heard back: the retry finds the committed call instead of writing another."""
+
+    def _break_once_after(self, recorder: CallRecorder, marker: str) -> list[str]:
+        broken: list[str] = []
+
+        def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if marker in statement and not broken:
+                broken.append(statement)
+                if recorder.engine.dialect.name == "sqlite":
+                    conn.connection.dbapi_connection.commit()
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        event.listen(recorder.engine, "after_cursor_execute", after_execute)
+        return broken
+
+    def test_record_call(self, opened: CallRecorder, db_url: str) -> None:
+        broken = self._break_once_after(opened, "INSERT INTO calls")
+        call = opened.record_call("s1", "http", "success", {"a": 1}, call_id="lost-ack")
+        assert broken, "the fault was never injected"
+        assert (call.call_id, call.call_index) == ("lost-ack", 0)
+        assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]
+        assert counter_value(db_url, "s1") == 1
+
+    def test_finish_call(self, opened: CallRecorder, db_url: str) -> None:
+        opened.begin_call("s1", "http", {"a": 1}, call_id="lost-ack")
+        broken = self._break_once_after(opened, "UPDATE calls")
+        done = opened.finish_call("lost-ack", "success", {"ok": True})
+        assert broken and done.status == "success" and done.response == {"ok": True}
+        assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]

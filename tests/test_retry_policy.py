@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from callindex import InvalidInputError, Redactor, RetryPolicy
-from callindex.clients.redaction import is_sensitive
+from callindex.redaction import is_sensitive
 from callindex.retry import RETRY_STATUSES, retry_after_seconds
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)

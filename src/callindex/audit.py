@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
@@ -19,6 +20,15 @@ GAP_CAUSE: Final = (
     "reserved by allocate_call_index (or a count block) and never used for a call row; "
     "record_call and begin_call never leave gaps"
 )
+
+
+def validate_seconds(seconds: object, what: str) -> float:
+    """``seconds`` as a float if it is a finite number >= 0, else :class:`InvalidInputError`."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise InvalidInputError(f"{what} must be a number of seconds, not {type(seconds).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidInputError(f"{what} must be a finite number of seconds >= 0, not {seconds}")
+    return float(seconds)
 
 
 def parse_duration(text: str) -> float:
@@ -55,6 +65,9 @@ class Report:
 
 def verify(db: Database, pending_threshold_seconds: float) -> Report:
     """Check every invariant of the trail, in one read transaction."""
+    pending_threshold_seconds = validate_seconds(
+        pending_threshold_seconds, "pending_threshold_seconds"
+    )
 
     def rows(conn: Connection, name: str, **params: Any) -> list[dict[str, Any]]:
         result = conn.execute(db.queries[name], params)
@@ -85,8 +98,7 @@ def _plain(value: Any) -> Any:
 
 def sweep(db: Database, older_than_seconds: float) -> list[dict[str, Any]]:
     """Mark ``pending`` calls created at least ``older_than_seconds`` ago ``abandoned``."""
-    if older_than_seconds < 0:
-        raise InvalidInputError("the age of calls to sweep must be >= 0")
+    older_than_seconds = validate_seconds(older_than_seconds, "older_than_seconds")
 
     def mark(conn: Connection) -> list[dict[str, Any]]:
         result = conn.execute(db.queries["sweep_pending"], {"seconds": older_than_seconds})

@@ -87,7 +87,8 @@ def _timestamp(value: datetime) -> datetime:
 
 @functools.cache
 def _returning_calls(backend: str, name: str) -> TextualSelect:
-    """Query ``name``, with its call columns typed so both backends decode them alike."""
+    """Query ``name``, with its call columns typed: JSON comes back decoded and
+    timestamps as datetimes on both backends."""
     return queries(backend)[name].columns(
         request=schema.calls.c.request.type,
         response=schema.calls.c.response.type,
@@ -219,12 +220,23 @@ def insert(db: Database, conn: Connection, parameters: Mapping[str, Any]) -> Cal
 
 
 def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
+    """A recorded ``call_id`` may only be repeated for the same call: same state,
+    type and request and, for ``record_call``, the same outcome."""
     recorded = (call.state_id, call.call_type, call.request_hash)
     requested = (parameters["state_id"], parameters["call_type"], parameters["request_hash"])
     if recorded != requested:
         raise CallIdConflictError(
             f"call_id {call.call_id!r} already names another call "
             f"(state {call.state_id!r}, type {call.call_type!r}, index {call.call_index})"
+        )
+    if parameters["status"] == "pending":
+        return  # begin_call repeated: the call is begun, whatever became of it since
+    outcome = (parameters["status"], parameters["response_hash"], parameters["error_hash"])
+    if (call.status, call.response_hash, call.error_hash) != outcome:
+        hint = "; finish it with finish_call" if call.status == "pending" else ""
+        raise CallIdConflictError(
+            f"call_id {call.call_id!r} is recorded already as {call.status} "
+            f"with another outcome{hint}"
         )
 
 

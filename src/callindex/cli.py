@@ -76,11 +76,12 @@ def db_upgrade(ctx: click.Context, revision: str, sql: bool) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
+@click.option("--force", is_flag=True, help="Also when it drops tables holding recorded calls.")
 @click.pass_context
-def db_downgrade(ctx: click.Context, revision: str) -> None:
+def db_downgrade(ctx: click.Context, revision: str, force: bool) -> None:
     """Downgrade the schema to REVISION (`base` removes callindex's tables)."""
     database = _database(ctx)
-    migrations.downgrade(database, revision)
+    migrations.downgrade(database, revision, force=force)
     current = migrations.current_revision(database) or "base"
     _stderr.print(f"{database.display_url} is at revision {current}")
 

@@ -14,7 +14,6 @@ Every statement callindex runs goes through :class:`Database`, which
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from callindex.errors import (
     ImmutableCallError,
     SchemaMissingError,
 )
+from callindex.redaction import is_sensitive
 from callindex.resources import queries
 from callindex.retry import DatabaseRetryPolicy
 
@@ -52,12 +52,21 @@ _CONTENTION_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
 _UNAVAILABLE_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 _SQLITE_BUSY_CODES: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 _READ_ONLY: Final = "callindex_read_only"
-_USERINFO: Final = re.compile(r"(?<=://)[^@/]*@")
+# psycopg reports these connection failures without an SQLSTATE; no retry fixes them.
+# ("the database system is starting up" is not among them: that one passes.)
+_PERMANENT_CONNECT_FAILURES: Final = (
+    "does not exist",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "invalid connection option",
+    "invalid integer value",
+)
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any userinfo (user and password) replaced, for messages."""
-    return _USERINFO.sub("***@", url)
+def display_url(url: URL) -> str:
+    """``url`` for messages and logs: no password, no secret query values."""
+    query = {k: ("***" if is_sensitive(k) else v) for k, v in url.query.items()}
+    return url.set(query=query).render_as_string(hide_password=True)
 
 
 def parse_url(url: str | URL) -> URL:
@@ -68,9 +77,12 @@ def parse_url(url: str | URL) -> URL:
     """
     try:
         parsed = make_url(url)
-    except exc.ArgumentError as error:
-        shown = redact_url(str(url))
-        raise ConfigurationError(f"not a database URL: {shown!r}") from error
+        parsed.port  # noqa: B018  (a non-numeric port raises here)
+    except (exc.ArgumentError, ValueError) as error:
+        # The text is not echoed: whatever it holds may include a password.
+        raise ConfigurationError(
+            "not a database URL (expected postgresql+psycopg://USER@HOST/DB or sqlite:///FILE)"
+        ) from error
     backend = parsed.get_backend_name()
     driver = parsed.get_driver_name()
     if backend in ("postgresql", "postgres"):
@@ -143,18 +155,27 @@ def build_engine(url: str | URL) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(parsed)
         timeout = parsed.query.get("timeout", str(SQLITE_BUSY_TIMEOUT_SECONDS))
+        try:
+            if float(timeout) < 0:  # type: ignore[arg-type]
+                raise ValueError(timeout)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(f"timeout must be seconds >= 0, not {timeout!r}") from error
         uri = URL.create(
             "sqlite+pysqlite",
             database=f"file:{quote(str(path))}",
             query={"mode": "rw", "uri": "true", "timeout": timeout},
         )
-        engine = create_engine(uri)
+        engine = create_engine(uri, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
     connect_args: dict[str, Any] = {"application_name": "callindex"}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = POSTGRESQL_CONNECT_TIMEOUT_SECONDS
-    return create_engine(parsed, connect_args=connect_args)
+    if "options" not in parsed.query:
+        # Acknowledged means on disk, whatever the server or role default says.
+        connect_args["options"] = "-c synchronous_commit=on"
+    # Parameters (payloads) stay out of error messages and logs.
+    return create_engine(parsed, connect_args=connect_args, hide_parameters=True)
 
 
 class Database:
@@ -166,13 +187,13 @@ class Database:
         self.retry = retry or DatabaseRetryPolicy()
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
-            self.display_url = self.engine.url.render_as_string(hide_password=True)
+            self.display_url = display_url(self.engine.url)
             parse_url(self.engine.url)  # refuses unsupported backends
             if self.engine.dialect.name == "sqlite":
                 _configure_sqlite(self.engine)
         else:
             self.engine = build_engine(url_or_engine)
-            self.display_url = parse_url(url_or_engine).render_as_string(hide_password=True)
+            self.display_url = display_url(parse_url(url_or_engine))
         self.backend: str = self.engine.dialect.name
         self.queries = queries(self.backend)
         # A single statement commits by itself in autocommit mode: one round
@@ -183,9 +204,12 @@ class Database:
         """Create the SQLite file if it does not exist yet (no-op on PostgreSQL)."""
         if self.backend == "sqlite":
             path = sqlite_file(self.engine.url)
-            if not path.parent.is_dir():
-                raise ConfigurationError(f"folder {str(path.parent)!r} does not exist")
-            path.touch(exist_ok=True)
+            try:
+                path.touch(exist_ok=True)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot create {str(path)!r}: {error.strerror}"
+                ) from error
 
     def write(
         self,
@@ -252,6 +276,8 @@ class Database:
             return SchemaMissingError(
                 f"the callindex schema is missing from {where}: run `callindex db upgrade`"
             )
+        if "the counter is behind its calls" in detail:
+            return _counter_behind()
         if sqlstate == _CALL_GUARD or detail.startswith("callindex: "):
             return ImmutableCallError(detail)
         if isinstance(error, exc.IntegrityError):
@@ -264,6 +290,8 @@ class Database:
             or (sqlstate or "").startswith("08")
             or (isinstance(error, exc.OperationalError) and sqlstate is None and not sqlite_code)
         ):
+            if sqlstate is None and any(p in detail for p in _PERMANENT_CONNECT_FAILURES):
+                return ConfigurationError(f"the database {where} refused the connection: {detail}")
             return DatabaseUnavailableError(f"cannot reach the database {where}: {detail}")
         if sqlite_code == "SQLITE_CANTOPEN":
             path = sqlite_file(self.engine.url)
@@ -271,19 +299,23 @@ class Database:
                 return SchemaMissingError(
                     f"the database file {str(path)!r} does not exist: run `callindex db upgrade`"
                 )
-            return DatabaseUnavailableError(f"cannot open the database {where}: {detail}")
+            return ConfigurationError(f"cannot open the database {where}: {detail}")
         return DatabaseError(f"{type(original).__name__}: {detail} (on {where})")
 
     def _translate_integrity(self, error: exc.IntegrityError, detail: str) -> CallIndexError:
         diagnostics = getattr(error.orig, "diag", None)
         constraint = getattr(diagnostics, "constraint_name", None) or ""
         if constraint == "uq_calls_state_id_call_index" or "calls.call_index" in detail:
-            return CounterBehindError(
-                "a call index collided with a recorded call: the state's counter is behind "
-                "its calls (calls were written without the allocator); run `callindex repair`"
-            )
+            return _counter_behind()
         if constraint == "pk_calls" or "calls.call_id" in detail:
             # The same call_id, recorded by a concurrent attempt that committed
             # first. This statement rolled back whole; retrying finds that call.
             return ContentionError("the same call_id was being recorded concurrently")
         return DatabaseError(f"integrity error: {detail}")
+
+
+def _counter_behind() -> CounterBehindError:
+    return CounterBehindError(
+        "a call index collided with a recorded call: the state's counter is behind "
+        "its calls (calls were written without the allocator); run `callindex repair`"
+    )

@@ -71,7 +71,7 @@ class LoopbackAPI:
         self._planned: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._random = random.Random(self.faults.seed)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -130,6 +130,12 @@ class LoopbackAPI:
             self._in_flight -= 1
             self.stats[outcome] += 1
             self.stats["requests"] += 1
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog of 5 resets connections under a burst of
+    # concurrent clients, which would look like injected faults.
+    request_queue_size = 512
 
 
 def _handler_for(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:

@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
 from callindex.database import Database, parse_url, sqlite_file
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
@@ -72,9 +72,29 @@ def upgrade(db: Database, revision: str = "head") -> None:
     _run(db, "upgrade", revision)
 
 
-def downgrade(db: Database, revision: str) -> None:
-    """Take the schema back to ``revision`` (``base`` removes everything)."""
+def downgrade(db: Database, revision: str, *, force: bool = False) -> None:
+    """Take the schema back to ``revision`` (``base`` removes everything).
+
+    A downgrade that could drop recorded calls (to ``base``, or relative:
+    ``-1``) is refused while ``calls`` holds rows, unless ``force``.
+    """
+    if not force and (revision == "base" or revision.startswith("-")):
+        recorded = _recorded_calls(db)
+        if recorded:
+            raise ConfigurationError(
+                f"refusing to downgrade to {revision!r}: it may drop the calls table, which "
+                f"holds {recorded:,} recorded calls (use --force to drop them)"
+            )
     _run(db, "downgrade", revision)
+
+
+def _recorded_calls(db: Database) -> int:
+    def count(conn: Connection) -> int:
+        if not inspect(conn).has_table("calls"):
+            return 0
+        return int(conn.execute(text("SELECT count(*) FROM calls")).scalar_one())
+
+    return db.read(count)
 
 
 def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import URL, Connection, Engine
 from callindex import allocator, audit, calls, migrations, payloads
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
+from callindex.errors import InvalidInputError
 from callindex.retry import DatabaseRetryPolicy
 
 
@@ -73,6 +74,8 @@ class CallRecorder:
         """Reserve indices for several states in one transaction: ``{state_id: count}``
         in, ``{state_id: first index}`` out. States are locked in sorted order, so
         concurrent callers sharing states never deadlock."""
+        if not isinstance(counts, Mapping):
+            raise InvalidInputError("counts must be a mapping of state_id to count")
         checked = {
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()

@@ -56,10 +56,7 @@ class DatabaseRetryPolicy:
     max_wait: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.max_seconds < 0:
-            raise InvalidInputError("max_attempts must be >= 1 and max_seconds >= 0")
-        if not 0 < self.initial_wait <= self.max_wait:
-            raise InvalidInputError("need 0 < initial_wait <= max_wait")
+        _check_limits(self.max_attempts, self.max_seconds, self.initial_wait, self.max_wait)
 
     def call(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` until it succeeds or the policy gives up."""
@@ -71,6 +68,20 @@ class DatabaseRetryPolicy:
             reraise=True,
         )
         return retrying(operation)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_limits(max_attempts: int, max_seconds: float, initial: float, maximum: float) -> None:
+    """The bounds both policies share, checked once for both."""
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+        raise InvalidInputError(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
+    if not _number(max_seconds) or max_seconds < 0:
+        raise InvalidInputError(f"max_seconds must be a number >= 0, not {max_seconds!r}")
+    if not (_number(initial) and _number(maximum)) or not 0 < initial <= maximum:
+        raise InvalidInputError("need numbers with 0 < initial_wait <= max_wait")
 
 
 NO_RETRY = DatabaseRetryPolicy(max_attempts=1, max_seconds=0)
@@ -155,12 +166,9 @@ class RetryPolicy:
     retry_unsafe_methods: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.max_seconds < 0 or self.max_retry_after < 0:
-            raise InvalidInputError(
-                "max_attempts must be >= 1, max_seconds and max_retry_after >= 0"
-            )
-        if not 0 < self.initial_wait <= self.max_wait:
-            raise InvalidInputError("need 0 < initial_wait <= max_wait")
+        _check_limits(self.max_attempts, self.max_seconds, self.initial_wait, self.max_wait)
+        if not _number(self.max_retry_after) or self.max_retry_after < 0:
+            raise InvalidInputError("max_retry_after must be a number >= 0")
 
     def allows(self, request: httpx.Request) -> bool:
         """Whether ``request`` may be sent more than once."""

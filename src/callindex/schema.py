@@ -40,7 +40,6 @@ NAMING_CONVENTION: Final = {
 
 MAX_STATE_ID_LENGTH: Final = 255
 CALL_STATUSES: Final = ("pending", "success", "error", "abandoned")
-CALL_TYPES: Final = ("http", "llm", "tool", "other")
 
 # Counter rows are updated in place many times; free space on each page lets
 # PostgreSQL keep every bump a HOT update (no index maintenance, less bloat).

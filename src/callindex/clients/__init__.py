@@ -2,8 +2,8 @@
 
 from callindex.clients.http import AsyncAuditedHTTPClient, AuditedHTTPClient
 from callindex.clients.llm import AsyncAuditedLLMClient, AuditedLLMClient, ChatResult, Usage
-from callindex.clients.redaction import Redactor
 from callindex.clients.transport import AuditedTransport
+from callindex.redaction import Redactor
 
 __all__ = [
     "AsyncAuditedHTTPClient",

@@ -11,7 +11,6 @@ import httpx
 from tenacity import AsyncRetrying, Retrying
 
 from callindex.calls import CallType
-from callindex.clients.redaction import Redactor
 from callindex.clients.transport import (
     ATTEMPT_EXTENSION,
     OPERATION_EXTENSION,
@@ -19,6 +18,7 @@ from callindex.clients.transport import (
     AuditedTransport,
 )
 from callindex.recorder import CallRecorder
+from callindex.redaction import Redactor
 from callindex.retry import (
     DEFAULT_HTTP_RETRY,
     NO_HTTP_RETRY,

@@ -11,8 +11,8 @@ from typing import Any, Final
 import httpx
 
 from callindex.clients.http import DEFAULT_TIMEOUT, AsyncAuditedHTTPClient, AuditedHTTPClient
-from callindex.clients.redaction import Redactor
 from callindex.recorder import CallRecorder
+from callindex.redaction import Redactor
 from callindex.retry import DEFAULT_HTTP_RETRY, RETRY_SAFE_EXTENSION, RetryPolicy
 
 # Completions are safe to repeat: a retried POST costs tokens, never corrupts state.

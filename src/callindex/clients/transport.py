@@ -22,8 +22,8 @@ import httpx
 
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.clients.bodies import BodyTap
-from callindex.clients.redaction import Redactor
 from callindex.recorder import CallRecorder
+from callindex.redaction import Redactor
 
 ATTEMPT_EXTENSION: Final = "callindex.attempt"
 OPERATION_EXTENSION: Final = "callindex.operation_id"
