@@ -90,4 +90,4 @@ ORDER BY counters.state_id;
 SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
 
 -- state_count --
-SELECT count(*) FROM call_index_counters;
+SELECT count(*) AS states FROM call_index_counters;

@@ -290,30 +290,47 @@ class TestAResultLostAfterCommit:
     """The connection breaks after the database committed but before the caller
     heard back: the retry finds the committed call instead of writing another."""
 
-    def _break_once_after(self, recorder: CallRecorder, marker: str) -> list[str]:
+    @pytest.fixture
+    def break_once_after(self, monkeypatch: pytest.MonkeyPatch) -> Any:
         broken: list[str] = []
+        lost = psycopg.OperationalError("server closed the connection unexpectedly")
 
-        def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if marker in statement and not broken:
-                broken.append(statement)
-                if recorder.engine.dialect.name == "sqlite":
+        class LosingCursor(psycopg.ClientCursor[Any]):
+            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+                done = super().execute(query, params, **kwargs)  # committed and flushed
+                if self.marker in str(query) and not broken:
+                    broken.append(str(query))
+                    raise lost
+                return done
+
+        def install(recorder: CallRecorder, marker: str) -> list[str]:
+            LosingCursor.marker = marker  # type: ignore[attr-defined]
+            # PostgreSQL writes go through psycopg's client-side cursor, one round trip.
+            monkeypatch.setattr("callindex.database.psycopg.ClientCursor", LosingCursor)
+
+            def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+                if marker in statement and not broken:  # SQLite: commit, then lose the reply
+                    broken.append(statement)
                     conn.connection.dbapi_connection.commit()
-                raise psycopg.OperationalError("server closed the connection unexpectedly")
+                    raise lost
 
-        event.listen(recorder.engine, "after_cursor_execute", after_execute)
-        return broken
+            if recorder.engine.dialect.name == "sqlite":
+                event.listen(recorder.engine, "after_cursor_execute", after_execute)
+            return broken
 
-    def test_record_call(self, opened: CallRecorder, db_url: str) -> None:
-        broken = self._break_once_after(opened, "INSERT INTO calls")
+        return install
+
+    def test_record_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
+        broken = break_once_after(opened, "INSERT INTO calls")
         call = opened.record_call("s1", "http", "success", {"a": 1}, call_id="lost-ack")
         assert broken, "the fault was never injected"
         assert (call.call_id, call.call_index) == ("lost-ack", 0)
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]
         assert counter_value(db_url, "s1") == 1
 
-    def test_finish_call(self, opened: CallRecorder, db_url: str) -> None:
+    def test_finish_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="lost-ack")
-        broken = self._break_once_after(opened, "UPDATE calls")
+        broken = break_once_after(opened, "UPDATE calls")
         done = opened.finish_call("lost-ack", "success", {"ok": True})
         assert broken and done.status == "success" and done.response == {"ok": True}
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]

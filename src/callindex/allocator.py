@@ -1,8 +1,8 @@
 """Index allocation: the counter row of a state, bumped by one atomic statement.
 
 Nothing here keeps state between calls: no lock, no cache, no map of states.
-Every function takes the :class:`~sqlalchemy.Connection` to run on, so the
-caller decides which transaction it belongs to.
+Every function takes the :class:`~callindex.database.Statements` to run on,
+so the caller decides which transaction it belongs to.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from sqlalchemy import Connection
-
-from callindex.database import Database
+from callindex.database import Statements
 from callindex.errors import InvalidCountError, InvalidStateIdError, UnknownStateError
 from callindex.schema import MAX_STATE_ID_LENGTH
 
@@ -47,30 +45,25 @@ def validate_count(count: object) -> int:
     return count
 
 
-def open_state(db: Database, connection: Connection, state_id: str) -> None:
+def open_state(statements: Statements, state_id: str) -> None:
     """Create the counter row of ``state_id`` unless it exists."""
-    connection.execute(db.queries["open_state"], {"state_id": state_id})
+    statements.rows("open_state", {"state_id": state_id})
 
 
-def allocate(db: Database, connection: Connection, state_id: str, count: int) -> int:
+def allocate(statements: Statements, state_id: str, count: int) -> int:
     """Reserve ``count`` consecutive indices of ``state_id`` and return the first."""
-    first = connection.execute(
-        db.queries["allocate_call_index"], {"state_id": state_id, "count": count}
-    ).scalar_one_or_none()
-    if first is None:
+    rows = statements.rows("allocate_call_index", {"state_id": state_id, "count": count})
+    if not rows:
         raise UnknownStateError(state_id)
-    return int(first)
+    return int(rows[0]["first_index"])
 
 
-def allocate_many(
-    db: Database, connection: Connection, counts: Mapping[str, int]
-) -> dict[str, int]:
+def allocate_many(statements: Statements, counts: Mapping[str, int]) -> dict[str, int]:
     """Reserve ``counts[state_id]`` indices for each state, in one transaction.
 
     Counter rows are locked in sorted ``state_id`` order, the same order for
     every caller, so two transactions that share states can never deadlock.
     """
     return {
-        state_id: allocate(db, connection, state_id, counts[state_id])
-        for state_id in sorted(counts)
+        state_id: allocate(statements, state_id, counts[state_id]) for state_id in sorted(counts)
     }

@@ -7,9 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from sqlalchemy import Connection
-
-from callindex.database import Database
+from callindex.database import Database, Statements
 from callindex.errors import InvalidInputError
 
 DEFAULT_PENDING_THRESHOLD_SECONDS: Final = 15 * 60
@@ -69,21 +67,19 @@ def verify(db: Database, pending_threshold_seconds: float) -> Report:
         pending_threshold_seconds, "pending_threshold_seconds"
     )
 
-    def rows(conn: Connection, name: str, **params: Any) -> list[dict[str, Any]]:
-        result = conn.execute(db.queries[name], params)
-        return [{key: _plain(value) for key, value in row._mapping.items()} for row in result]
+    def check(statements: Statements) -> Report:
+        def rows(name: str, **params: Any) -> list[dict[str, Any]]:
+            found = statements.rows(name, params)
+            return [{key: _plain(value) for key, value in row.items()} for row in found]
 
-    def check(conn: Connection) -> Report:
         return Report(
-            states=int(conn.execute(db.queries["state_count"]).scalar_one()),
-            calls_by_status={
-                row["status"]: int(row["calls"]) for row in rows(conn, "status_counts")
-            },
-            duplicates=rows(conn, "duplicate_indices"),
-            counters_behind=rows(conn, "counters_behind"),
-            gaps=rows(conn, "index_gaps"),
-            unused_reservations=rows(conn, "unused_reservations"),
-            stale_pending=rows(conn, "stale_pending", seconds=pending_threshold_seconds),
+            states=int(rows("state_count")[0]["states"]),
+            calls_by_status={row["status"]: int(row["calls"]) for row in rows("status_counts")},
+            duplicates=rows("duplicate_indices"),
+            counters_behind=rows("counters_behind"),
+            gaps=rows("index_gaps"),
+            unused_reservations=rows("unused_reservations"),
+            stale_pending=rows("stale_pending", seconds=pending_threshold_seconds),
             pending_threshold_seconds=pending_threshold_seconds,
         )
 
@@ -100,16 +96,17 @@ def sweep(db: Database, older_than_seconds: float) -> list[dict[str, Any]]:
     """Mark ``pending`` calls created at least ``older_than_seconds`` ago ``abandoned``."""
     older_than_seconds = validate_seconds(older_than_seconds, "older_than_seconds")
 
-    def mark(conn: Connection) -> list[dict[str, Any]]:
-        result = conn.execute(db.queries["sweep_pending"], {"seconds": older_than_seconds})
-        return [dict(row._mapping) for row in result]
-
-    return db.write(mark, autocommit=True)
+    return db.run(
+        lambda statements: [
+            dict(row) for row in statements.rows("sweep_pending", {"seconds": older_than_seconds})
+        ],
+        single_statement=True,
+    )
 
 
 def repair(db: Database) -> list[dict[str, Any]]:
     """Move every counter that is behind its calls to ``max(call_index) + 1``."""
-    return db.write(
-        lambda conn: [dict(row._mapping) for row in conn.execute(db.queries["repair_counters"])],
-        autocommit=True,
+    return db.run(
+        lambda statements: [dict(row) for row in statements.rows("repair_counters")],
+        single_statement=True,
     )

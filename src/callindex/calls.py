@@ -3,7 +3,6 @@ that record, begin, finish and read calls."""
 
 from __future__ import annotations
 
-import functools
 import math
 import uuid
 from collections.abc import Mapping
@@ -11,10 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, cast, get_args
 
-from sqlalchemy import Connection, Row, TextualSelect
-
-from callindex import allocator, payloads, schema
-from callindex.database import Database
+from callindex import allocator, payloads
+from callindex.database import Statements
 from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
@@ -22,7 +19,6 @@ from callindex.errors import (
     UnknownCallError,
     UnknownStateError,
 )
-from callindex.resources import queries
 
 CallType = Literal["http", "llm", "tool", "other"]
 CallStatus = Literal["pending", "success", "error", "abandoned"]
@@ -53,8 +49,7 @@ class Call:
     completed_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: Row[Any]) -> Call:
-        values = row._mapping
+    def from_row(cls, values: Mapping[str, Any]) -> Call:
         return cls(
             call_id=values["call_id"],
             state_id=values["state_id"],
@@ -83,19 +78,6 @@ class Call:
 def _timestamp(value: datetime) -> datetime:
     # SQLite stores UTC without an offset; PostgreSQL returns aware datetimes.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-@functools.cache
-def _returning_calls(backend: str, name: str) -> TextualSelect:
-    """Query ``name``, with its call columns typed: JSON comes back decoded and
-    timestamps as datetimes on both backends."""
-    return queries(backend)[name].columns(
-        request=schema.calls.c.request.type,
-        response=schema.calls.c.response.type,
-        error=schema.calls.c.error.type,
-        created_at=schema.calls.c.created_at.type,
-        completed_at=schema.calls.c.completed_at.type,
-    )
 
 
 def new_call_id() -> str:
@@ -194,27 +176,25 @@ def new_call_parameters(
     }
 
 
-def insert(db: Database, conn: Connection, parameters: Mapping[str, Any]) -> Call:
+def insert(statements: Statements, parameters: Mapping[str, Any]) -> Call:
     """Allocate the next index of the state and insert the call with it.
 
     When ``call_id`` is recorded already, return that call instead: nothing is
     written and no index is used. The caller commits.
     """
-    if db.backend == "postgresql":
-        row = conn.execute(_returning_calls(db.backend, "record_call"), parameters).one_or_none()
-        if row is None:
+    if statements.db.backend == "postgresql":
+        rows = statements.rows("record_call", parameters)
+        if not rows:
             raise UnknownStateError(parameters["state_id"])
-        call = Call.from_row(row)
+        call = Call.from_row(rows[0])
     else:
-        existing = find(db, conn, parameters["call_id"])
+        existing = find(statements, parameters["call_id"])
         if existing is not None:
             call = existing
         else:
-            index = allocator.allocate(db, conn, parameters["state_id"], 1)
-            row = conn.execute(
-                _returning_calls(db.backend, "insert_call"), {**parameters, "call_index": index}
-            ).one()
-            return Call.from_row(row)
+            index = allocator.allocate(statements, parameters["state_id"], 1)
+            rows = statements.rows("insert_call", {**parameters, "call_index": index})
+            return Call.from_row(rows[0])
     _ensure_same_call(call, parameters)
     return call
 
@@ -240,14 +220,12 @@ def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
         )
 
 
-def finish(db: Database, conn: Connection, call_id: str, outcome: Outcome) -> Call:
+def finish(statements: Statements, call_id: str, outcome: Outcome) -> Call:
     """Complete pending call ``call_id``; a retry of the same finish returns the call."""
-    row = conn.execute(
-        _returning_calls(db.backend, "finish_call"), {"call_id": call_id, **outcome.parameters()}
-    ).one_or_none()
-    if row is not None:
-        return Call.from_row(row)
-    call = find(db, conn, call_id)
+    rows = statements.rows("finish_call", {"call_id": call_id, **outcome.parameters()})
+    if rows:
+        return Call.from_row(rows[0])
+    call = find(statements, call_id)
     if call is None:
         raise UnknownCallError(call_id)
     if outcome.matches(call):
@@ -262,13 +240,10 @@ def finish(db: Database, conn: Connection, call_id: str, outcome: Outcome) -> Ca
     )
 
 
-def find(db: Database, conn: Connection, call_id: str) -> Call | None:
-    row = conn.execute(
-        _returning_calls(db.backend, "find_call"), {"call_id": call_id}
-    ).one_or_none()
-    return Call.from_row(row) if row else None
+def find(statements: Statements, call_id: str) -> Call | None:
+    rows = statements.rows("find_call", {"call_id": call_id})
+    return Call.from_row(rows[0]) if rows else None
 
 
-def of_state(db: Database, conn: Connection, state_id: str) -> list[Call]:
-    rows = conn.execute(_returning_calls(db.backend, "calls_of_state"), {"state_id": state_id})
-    return [Call.from_row(row) for row in rows]
+def of_state(statements: Statements, state_id: str) -> list[Call]:
+    return [Call.from_row(row) for row in statements.rows("calls_of_state", {"state_id": state_id})]

@@ -14,14 +14,26 @@ Every statement callindex runs goes through :class:`Database`, which
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote
 
-from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, make_url
+import psycopg
+from sqlalchemy import (
+    URL,
+    Connection,
+    Dialect,
+    Engine,
+    Executable,
+    create_engine,
+    event,
+    exc,
+    make_url,
+)
 
 from callindex.errors import (
     CallIndexError,
@@ -36,6 +48,7 @@ from callindex.errors import (
 from callindex.redaction import is_sensitive
 from callindex.resources import queries
 from callindex.retry import DatabaseRetryPolicy
+from callindex.schema import calls as calls_table
 
 T = TypeVar("T")
 
@@ -178,6 +191,68 @@ def build_engine(url: str | URL) -> Engine:
     return create_engine(parsed, connect_args=connect_args, hide_parameters=True)
 
 
+class Statements:
+    """Runs callindex's named queries on one connection.
+
+    With ``early_release`` (PostgreSQL, one write that commits by itself) the
+    statement is sent in one round trip as::
+
+        BEGIN; SET LOCAL synchronous_commit = off; <statement>; COMMIT;
+        SELECT pg_logical_emit_message(true, 'callindex', '')
+
+    Its COMMIT releases the row locks as soon as the commit record is in the
+    write-ahead log, without waiting for the disk: the next writer of a hot
+    counter proceeds at once. The trailing transaction writes one small WAL
+    record, so its commit is synchronous and waits until the log is flushed
+    past it (a transaction that only takes an xid, such as
+    ``pg_current_xact_id()``, writes no WAL of its own and would commit
+    asynchronously: the crash test caught exactly that). The log is
+    sequential, so by then the statement's commit is on disk too, and only
+    then does this return: nothing is acknowledged before it is durable. A
+    crash in between loses only the unacknowledged statement, and with it
+    every transaction that saw its effects (they come later in the log).
+    """
+
+    def __init__(self, db: Database, connection: Connection, *, early_release: bool) -> None:
+        self.db = db
+        self.connection = connection
+        self.early_release = early_release
+
+    def rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[Mapping[str, Any]]:
+        """The rows ``name`` returns (none for a statement without RETURNING)."""
+        if self.early_release:
+            return self._rows_released_early(name, params or {})
+        result = self.connection.execute(self.db.statement(name), dict(params or {}))
+        return [dict(row._mapping) for row in result] if result.returns_rows else []
+
+    def _rows_released_early(self, name: str, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        raw = self.connection.connection.dbapi_connection
+        assert isinstance(raw, psycopg.Connection)
+        script = _EARLY_RELEASE.format(statement=self.db.driver_sql(name))
+        try:
+            with psycopg.ClientCursor(raw) as cursor:
+                cursor.execute(script, params)
+                cursor.nextset()  # past BEGIN
+                cursor.nextset()  # past SET LOCAL: now at the statement
+                if cursor.description is None:
+                    return []
+                names = [column.name for column in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        except psycopg.Error as error:
+            broken = raw.closed or raw.broken
+            if broken:
+                self.connection.invalidate()
+            raise exc.DBAPIError.instance(
+                name, None, error, psycopg.Error, connection_invalidated=broken
+            ) from error
+
+
+_EARLY_RELEASE: Final = (
+    "BEGIN; SET LOCAL synchronous_commit = off; {statement}; COMMIT; "
+    "SELECT pg_logical_emit_message(true, 'callindex', '')"
+)
+
+
 class Database:
     """One database, its engine, and the transactions callindex runs in it."""
 
@@ -195,10 +270,15 @@ class Database:
             self.engine = build_engine(url_or_engine)
             self.display_url = display_url(parse_url(url_or_engine))
         self.backend: str = self.engine.dialect.name
-        self.queries = queries(self.backend)
-        # A single statement commits by itself in autocommit mode: one round
-        # trip on PostgreSQL instead of BEGIN, statement, COMMIT.
         self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def statement(self, name: str) -> Executable:
+        """The named query, compiled once per process and backend."""
+        return _statement(self.backend, name)
+
+    def driver_sql(self, name: str) -> str:
+        """The named query as psycopg's own SQL text (``%(name)s`` parameters)."""
+        return _driver_sql(self.engine.dialect, name)
 
     def prepare_file(self) -> None:
         """Create the SQLite file if it does not exist yet (no-op on PostgreSQL)."""
@@ -211,43 +291,44 @@ class Database:
                     f"cannot create {str(path)!r}: {error.strerror}"
                 ) from error
 
-    def write(
+    def run(
         self,
-        work: Callable[[Connection], T],
+        work: Callable[[Statements], T],
         *,
         connection: Connection | None = None,
-        autocommit: bool = False,
+        single_statement: bool = False,
     ) -> T:
-        """Run ``work`` in a write transaction and return its result.
+        """Run ``work`` as one committed write and return its result.
 
         With ``connection``, ``work`` joins the caller's transaction, which the
         caller commits or rolls back, and is not retried. Otherwise callindex
-        commits before returning and retries the whole transaction under the
-        retry policy, so ``work`` must be safe to repeat. ``autocommit``
-        declares that ``work`` stays correct when each of its statements
-        commits by itself (one write, possibly followed by reads): PostgreSQL
-        then runs it without BEGIN and COMMIT, one round trip per statement.
+        commits before returning and retries the whole of ``work`` under the
+        retry policy, so it must be safe to repeat. ``single_statement``
+        declares that ``work`` writes with one statement (reads may follow): on
+        PostgreSQL it then commits by itself with early lock release (see
+        :class:`Statements`), one round trip.
         """
         if connection is not None:
             with self.translated_errors():
-                return work(connection)
+                return work(Statements(self, connection, early_release=False))
 
         def attempt() -> T:
             with self.translated_errors():
-                if autocommit and self.backend == "postgresql":
+                if single_statement and self.backend == "postgresql":
                     with self._autocommit_engine.connect() as conn:
-                        return work(conn)
+                        return work(Statements(self, conn, early_release=True))
                 with self.engine.begin() as transaction:
-                    return work(transaction)
+                    return work(Statements(self, transaction, early_release=False))
 
         return self.retry.call(attempt)
 
-    def read(self, work: Callable[[Connection], T]) -> T:
+    def read(self, work: Callable[[Statements], T]) -> T:
         """Run ``work`` in a transaction that is rolled back afterwards (retried)."""
 
         def attempt() -> T:
             with self.translated_errors(), self.engine.connect() as conn:
-                return work(conn.execution_options(**{_READ_ONLY: True}))
+                reader = conn.execution_options(**{_READ_ONLY: True})
+                return work(Statements(self, reader, early_release=False))
 
         return self.retry.call(attempt)
 
@@ -319,3 +400,30 @@ def _counter_behind() -> CounterBehindError:
         "a call index collided with a recorded call: the state's counter is behind "
         "its calls (calls were written without the allocator); run `callindex repair`"
     )
+
+
+# Queries that return call rows: their payloads and timestamps are typed so
+# both backends hand back decoded JSON and datetimes.
+_RETURNS_CALLS: Final = frozenset(
+    {"record_call", "insert_call", "finish_call", "find_call", "calls_of_state"}
+)
+
+
+@functools.cache
+def _statement(backend: str, name: str) -> Executable:
+    statement = queries(backend)[name]
+    if name not in _RETURNS_CALLS:
+        return statement
+    columns = calls_table.c
+    return statement.columns(
+        request=columns.request.type,
+        response=columns.response.type,
+        error=columns.error.type,
+        created_at=columns.created_at.type,
+        completed_at=columns.completed_at.type,
+    )
+
+
+@functools.cache
+def _driver_sql(dialect: Dialect, name: str) -> str:
+    return str(queries(dialect.name)[name].compile(dialect=dialect))

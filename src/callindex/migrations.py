@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, inspect, text
 
-from callindex.database import Database, parse_url, sqlite_file
+from callindex.database import Database, Statements, parse_url, sqlite_file
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from callindex.resources import resource_dir
 
@@ -57,8 +57,10 @@ def head_revision() -> str:
 def current_revision(db: Database) -> str | None:
     """The revision the database is at, or ``None`` for a database without callindex."""
 
-    def read(conn: Connection) -> str | None:
-        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    def read(statements: Statements) -> str | None:
+        context = MigrationContext.configure(
+            statements.connection, opts={"version_table": VERSION_TABLE}
+        )
         return context.get_current_revision()
 
     if db.backend == "sqlite" and not sqlite_file(db.engine.url).exists():
@@ -89,7 +91,8 @@ def downgrade(db: Database, revision: str, *, force: bool = False) -> None:
 
 
 def _recorded_calls(db: Database) -> int:
-    def count(conn: Connection) -> int:
+    def count(statements: Statements) -> int:
+        conn = statements.connection
         if not inspect(conn).has_table("calls"):
             return 0
         return int(conn.execute(text("SELECT count(*) FROM calls")).scalar_one())
@@ -98,7 +101,8 @@ def _recorded_calls(db: Database) -> int:
 
 
 def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str) -> None:
-    def migrate(conn: Connection) -> None:
+    def migrate(statements: Statements) -> None:
+        conn = statements.connection
         if db.backend == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
         config = alembic_config(connection=conn)
@@ -107,7 +111,7 @@ def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str
         except CommandError as error:
             raise ConfigurationError(f"cannot {direction} to {revision!r}: {error}") from error
 
-    db.write(migrate)
+    db.run(migrate)
 
 
 def offline_sql(url: str, revision_range: str = "base:head") -> str:

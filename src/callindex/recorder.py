@@ -44,10 +44,10 @@ class CallRecorder:
     def open_state(self, state_id: str, *, connection: Connection | None = None) -> None:
         """Register ``state_id`` so indices can be allocated for it. Idempotent."""
         state_id = allocator.validate_state_id(state_id)
-        self._db.write(
-            lambda conn: allocator.open_state(self._db, conn, state_id),
+        self._db.run(
+            lambda statements: allocator.open_state(statements, state_id),
             connection=connection,
-            autocommit=True,
+            single_statement=True,
         )
 
     def allocate_call_index(
@@ -62,10 +62,10 @@ class CallRecorder:
         """
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
-        return self._db.write(
-            lambda conn: allocator.allocate(self._db, conn, state_id, count),
+        return self._db.run(
+            lambda statements: allocator.allocate(statements, state_id, count),
             connection=connection,
-            autocommit=True,
+            single_statement=True,
         )
 
     def allocate_call_indices(
@@ -80,8 +80,8 @@ class CallRecorder:
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()
         }
-        return self._db.write(
-            lambda conn: allocator.allocate_many(self._db, conn, checked),
+        return self._db.run(
+            lambda statements: allocator.allocate_many(statements, checked),
             connection=connection,
         )
 
@@ -109,8 +109,8 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **outcome.parameters(),
         }
-        return self._db.write(
-            lambda conn: calls.insert(self._db, conn, parameters), autocommit=True
+        return self._db.run(
+            lambda statements: calls.insert(statements, parameters), single_statement=True
         )
 
     def begin_call(
@@ -126,8 +126,8 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return self._db.write(
-            lambda conn: calls.insert(self._db, conn, parameters), autocommit=True
+        return self._db.run(
+            lambda statements: calls.insert(statements, parameters), single_statement=True
         )
 
     def finish_call(
@@ -142,8 +142,8 @@ class CallRecorder:
         a different one raises :class:`CallAlreadyFinishedError`."""
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
-        return self._db.write(
-            lambda conn: calls.finish(self._db, conn, call_id, outcome), autocommit=True
+        return self._db.run(
+            lambda statements: calls.finish(statements, call_id, outcome), single_statement=True
         )
 
     def _new_call(
@@ -161,11 +161,11 @@ class CallRecorder:
     def calls(self, state_id: str) -> list[Call]:
         """The calls of ``state_id``, in index order."""
         state_id = allocator.validate_state_id(state_id)
-        return self._db.read(lambda conn: calls.of_state(self._db, conn, state_id))
+        return self._db.read(lambda statements: calls.of_state(statements, state_id))
 
     def get_call(self, call_id: str) -> Call | None:
         call_id = calls.validate_call_id(call_id)
-        return self._db.read(lambda conn: calls.find(self._db, conn, call_id))
+        return self._db.read(lambda statements: calls.find(statements, call_id))
 
     def verify(
         self, pending_threshold_seconds: float = audit.DEFAULT_PENDING_THRESHOLD_SECONDS
