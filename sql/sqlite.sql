@@ -89,5 +89,9 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+UPDATE callindex_alembic_version SET version_num='0003' WHERE callindex_alembic_version.version_num = '0002';
+
 COMMIT;
 

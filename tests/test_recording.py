@@ -298,18 +298,20 @@ class TestAResultLostAfterCommit:
         class LosingCursor(psycopg.ClientCursor[Any]):
             def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
                 done = super().execute(query, params, **kwargs)  # committed and flushed
-                if self.marker in str(query) and not broken:
+                if any(m in str(query) for m in self.markers) and not broken:
                     broken.append(str(query))
                     raise lost
                 return done
 
-        def install(recorder: CallRecorder, marker: str) -> list[str]:
-            LosingCursor.marker = marker  # type: ignore[attr-defined]
+        def install(recorder: CallRecorder, *markers: str) -> list[str]:
+            LosingCursor.markers = markers  # type: ignore[attr-defined]
             # PostgreSQL writes go through psycopg's client-side cursor, one round trip.
             monkeypatch.setattr("callindex.database.psycopg.ClientCursor", LosingCursor)
 
             def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-                if marker in statement and not broken:  # SQLite: commit, then lose the reply
+                if (
+                    any(m in statement for m in markers) and not broken
+                ):  # SQLite: commit, lose reply
                     broken.append(statement)
                     conn.connection.dbapi_connection.commit()
                     raise lost
@@ -321,7 +323,7 @@ class TestAResultLostAfterCommit:
         return install
 
     def test_record_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
-        broken = break_once_after(opened, "INSERT INTO calls")
+        broken = break_once_after(opened, "INSERT INTO calls", "callindex_record_call")
         call = opened.record_call("s1", "http", "success", {"a": 1}, call_id="lost-ack")
         assert broken, "the fault was never injected"
         assert (call.call_id, call.call_index) == ("lost-ack", 0)
