@@ -141,6 +141,9 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out as separate writes: without this, a kept-alive
+        # client waits for a delayed ACK (about 40 ms) on every reply.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

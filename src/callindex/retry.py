@@ -13,6 +13,7 @@ duplicate), so an ambiguous failure at commit is safe to repeat.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,14 +61,20 @@ class DatabaseRetryPolicy:
 
     def call(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` until it succeeds or the policy gives up."""
-        retrying = Retrying(
+        result: T = self._retrying(operation)
+        return result
+
+    @functools.cached_property
+    def _retrying(self) -> Retrying:
+        # Built once per policy: on the hot path its construction would cost
+        # about as much as the statement. Its per-call state is thread-local.
+        return Retrying(
             retry=retry_if_exception_type((DatabaseUnavailableError, ContentionError)),
             wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
             stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_seconds),
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
         )
-        return retrying(operation)
 
 
 def _number(value: object) -> bool:

@@ -1,0 +1,455 @@
+"""callindex benchmark: every strategy side by side, in one run, on one database.
+
+    python bench/run.py --db postgresql+psycopg://root@127.0.0.1/bench [--workers 1,2,4,8]
+        [--repeats 3] [--operations 400] [--json] [--plot throughput.png]
+
+(`callindex bench` runs this script.) For each strategy, number of worker
+processes and mode (``hot``: all workers on one state; ``distinct``: one state
+each) it runs the strategy ``--repeats`` times and keeps the median throughput.
+Every run's indices are checked: no duplicate (state, index), and for
+callindex exactly 0..N-1 per state. Then it prints the ratios the performance
+targets are stated in, and measures the audited HTTP client against plain
+httpx and a worker's memory over many distinct states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from strategies import (
+    POSTGRESQL_ONLY,
+    STRATEGIES,
+    Job,
+    django_sequences_available,
+    prepare,
+    setup_django,
+)
+
+from callindex import AuditedHTTPClient, CallRecorder
+from callindex.loopback import LoopbackAPI
+
+SPAWN = multiprocessing.get_context("spawn")
+CALLINDEX = frozenset({"allocate", "allocate_100", "record_call", "begin_finish"})
+
+
+@dataclass
+class Measurement:
+    strategy: str
+    mode: str
+    workers: int
+    runs: list[float]
+    retries: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+def _worker_main(tasks: Any, results: Any, ready: Any, go: Any) -> None:
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        job = Job(**task)
+        job.ready = ready.release
+        job.go = go.wait
+        try:
+            got = STRATEGIES[job.strategy](job)
+            results.put(
+                {
+                    "ok": True,
+                    "indices": got,
+                    "started": job.started,
+                    "finished": job.finished,
+                    "retries": job.retries,
+                }
+            )
+        except Exception as error:  # reported, and the run fails
+            ready.release()
+            results.put({"ok": False, "error": f"{type(error).__name__}: {error}"})
+
+
+class Pool:
+    """Worker processes kept for the whole benchmark; a run releases them together."""
+
+    def __init__(self, size: int) -> None:
+        self.tasks = [SPAWN.Queue() for _ in range(size)]
+        self.results = SPAWN.Queue()
+        self.ready = SPAWN.Semaphore(0)
+        self.go = SPAWN.Event()
+        self.processes = [
+            SPAWN.Process(target=_worker_main, args=(t, self.results, self.ready, self.go))
+            for t in self.tasks
+        ]
+        for process in self.processes:
+            process.start()
+
+    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.go.clear()
+        for tasks, job in zip(self.tasks, jobs, strict=False):
+            tasks.put(job)
+        for _ in jobs:
+            self.ready.acquire(timeout=300)
+        self.go.set()
+        outcomes = [self.results.get(timeout=900) for _ in jobs]
+        failed = [o["error"] for o in outcomes if not o["ok"]]
+        if failed:
+            raise RuntimeError(f"a benchmark worker failed: {failed[0]}")
+        return outcomes
+
+    def close(self) -> None:
+        for tasks in self.tasks:
+            tasks.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+
+
+def check_indices(strategy: str, outcomes: list[dict[str, Any]]) -> None:
+    """No strategy may hand out an index twice; callindex's are exactly 0..N-1."""
+    pairs = [tuple(p) for o in outcomes for p in o["indices"]]
+    duplicates = [p for p, n in Counter(pairs).items() if n > 1]
+    if duplicates:
+        raise AssertionError(f"{strategy}: duplicate indices {duplicates[:5]}")
+    if strategy in CALLINDEX:
+        per_state: dict[str, list[int]] = {}
+        for state_id, index in pairs:
+            per_state.setdefault(state_id, []).append(index)
+        for state_id, indices in per_state.items():
+            if sorted(indices) != list(range(len(indices))):
+                raise AssertionError(f"{strategy}: {state_id} is not exactly 0..N-1")
+
+
+def measure(
+    pool: Pool, url: str, strategy: str, mode: str, workers: int, operations: int, repeats: int
+) -> Measurement:
+    runs, retries = [], 0
+    for _ in range(repeats):
+        run_id = uuid.uuid4().hex[:10]
+        jobs = [
+            asdict(
+                Job(
+                    url=url,
+                    strategy=strategy,
+                    operations=operations,
+                    worker=w,
+                    workers=workers,
+                    state_id=f"b-{run_id}-hot" if mode == "hot" else f"b-{run_id}-{w}",
+                )
+            )
+            for w in range(workers)
+        ]
+        for job in jobs:
+            for local in ("ready", "go", "started", "finished", "retries", "closers"):
+                del job[local]
+        prepare(url, strategy, {j["state_id"] for j in jobs})
+        outcomes = pool.run(jobs)
+        check_indices(strategy, outcomes)
+        elapsed = max(o["finished"] for o in outcomes) - min(o["started"] for o in outcomes)
+        unit = 100 if strategy == "allocate_100" else 1
+        runs.append(workers * operations * unit / elapsed)
+        retries += sum(o["retries"] for o in outcomes)
+    return Measurement(strategy, mode, workers, runs, retries)
+
+
+def http_overhead(url: str, calls: int = 200) -> dict[str, float]:
+    """Median milliseconds per GET on the loopback server, plain httpx vs audited."""
+    import httpx
+
+    with LoopbackAPI() as api, CallRecorder(url) as recorder:
+        state_id = f"b-http-{uuid.uuid4().hex[:8]}"
+        recorder.open_state(state_id)
+        timings: dict[str, list[float]] = {"plain": [], "audited": []}
+        with (
+            httpx.Client(base_url=api.url) as plain,
+            AuditedHTTPClient(recorder, state_id, base_url=api.url, retry=None) as audited,
+        ):
+            for client in (plain, audited):
+                client.get("/items/0")  # connect outside the timing
+            for n in range(calls):
+                for name, client in (("plain", plain), ("audited", audited)):
+                    started = time.perf_counter()
+                    client.get(f"/items/{n}").raise_for_status()
+                    timings[name].append((time.perf_counter() - started) * 1000)
+    plain_ms = statistics.median(timings["plain"])
+    audited_ms = statistics.median(timings["audited"])
+    return {"plain_ms": plain_ms, "audited_ms": audited_ms, "added_ms": audited_ms - plain_ms}
+
+
+def _memory_worker(url: str, states: list[int], prefix: str, results: Any) -> None:
+    with CallRecorder(url) as recorder:
+        peaks = {}
+        done = 0
+        for target in states:
+            for n in range(done, target):
+                recorder.record_call(f"{prefix}-{n}", "http", "success", {"n": n})
+            done = target
+            peaks[target] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results.put(peaks)
+
+
+def memory_growth(url: str, states: int) -> dict[str, float]:
+    """Peak RSS (MiB) of one worker after recording calls for 1,000 and for
+    ``states`` distinct states; flat means nothing grows with the states seen."""
+    prefix = f"m-{uuid.uuid4().hex[:8]}"
+    with CallRecorder(url) as recorder, recorder.engine.begin() as conn:
+        from sqlalchemy import text
+
+        values = ", ".join(f"('{prefix}-{n}')" for n in range(states))
+        conn.execute(text(f"INSERT INTO call_index_counters (state_id) VALUES {values}"))
+    results = SPAWN.Queue()
+    process = SPAWN.Process(target=_memory_worker, args=(url, [1000, states], prefix, results))
+    process.start()
+    peaks = results.get(timeout=3600)
+    process.join()
+    return {
+        "states": states,
+        "peak_mib_at_1000": peaks[1000],
+        f"peak_mib_at_{states}": peaks[states],
+        "growth_mib": peaks[states] - peaks[1000],
+    }
+
+
+def ratios(measurements: list[Measurement], backend: str) -> list[dict[str, Any]]:
+    """The performance targets, each as measured ratio against its threshold."""
+    table = {(m.strategy, m.mode, m.workers): m.median for m in measurements}
+
+    def ratio(a: tuple[str, str, int], b: tuple[str, str, int]) -> float | None:
+        return table[a] / table[b] if a in table and b in table else None
+
+    most = max(m.workers for m in measurements)
+    rows = []
+    if backend == "postgresql":
+        wanted = [
+            (
+                "record_call / bare insert, 1 worker, distinct",
+                ("record_call", "distinct", 1),
+                ("bare_insert", "distinct", 1),
+                0.95,
+            ),
+            (
+                f"record_call / bare insert, {most} workers, distinct",
+                ("record_call", "distinct", most),
+                ("bare_insert", "distinct", most),
+                0.95,
+            ),
+            (
+                f"record_call hot / bare insert distinct, {most} workers",
+                ("record_call", "hot", most),
+                ("bare_insert", "distinct", most),
+                0.7,
+            ),
+            (
+                f"allocate / django-sequences, hot, {most} workers",
+                ("allocate", "hot", most),
+                ("django_sequences", "hot", most),
+                2.0,
+            ),
+            (
+                f"allocate / max+1 with retry, hot, {most} workers",
+                ("allocate", "hot", most),
+                ("max_plus_one", "hot", most),
+                5.0,
+            ),
+        ]
+    else:
+        four = 4 if any(m.workers == 4 for m in measurements) else most
+        wanted = [
+            (
+                f"record_call / bare insert, {four} workers, distinct",
+                ("record_call", "distinct", four),
+                ("bare_insert", "distinct", four),
+                0.85,
+            ),
+            (
+                f"record_call / bare insert, {four} workers, hot",
+                ("record_call", "hot", four),
+                ("bare_insert", "hot", four),
+                0.85,
+            ),
+        ]
+    for label, a, b, target in wanted:
+        value = ratio(a, b)
+        rows.append(
+            {
+                "ratio": label,
+                "value": value,
+                "target": target,
+                "met": None if value is None else value >= target,
+            }
+        )
+    best_block = max((v for (s, _, _), v in table.items() if s == "allocate_100"), default=None)
+    rows.append(
+        {
+            "ratio": "allocate(count=100) indices/s (best)",
+            "value": best_block,
+            "target": 1_000_000,
+            "met": None if best_block is None else best_block >= 1_000_000,
+        }
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="callindex benchmark")
+    parser.add_argument(
+        "--db", default=os.environ.get("CALLINDEX_DATABASE_URL", "sqlite:///callindex-bench.db")
+    )
+    parser.add_argument("--workers", default="1,2,4,8")
+    parser.add_argument("--modes", default="hot,distinct")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--operations", type=int, default=300, help="per worker and run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-states", type=int, default=100_000)
+    parser.add_argument("--http-calls", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--plot", metavar="FILE.png")
+    parser.add_argument("--save", metavar="FILE.json", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+
+    url = args.db
+    backend = "postgresql" if url.startswith("postgres") else "sqlite"
+    CallRecorder(url).upgrade()
+    workers = [int(w) for w in args.workers.split(",")]
+    strategies = [s for s in args.strategies.split(",") if s]
+    if backend != "postgresql":
+        strategies = [s for s in strategies if s not in POSTGRESQL_ONLY]
+    if "django_sequences" in strategies:
+        if django_sequences_available():
+            setup_django(url)
+            from django.core.management import call_command
+
+            call_command("migrate", "sequences", verbosity=0)
+        else:
+            strategies.remove("django_sequences")
+            print(
+                "django-sequences not installed: skipped (pip install 'callindex[bench]')",
+                file=sys.stderr,
+            )
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    pool = Pool(max(workers))
+    measurements = []
+    try:
+        for strategy in strategies:
+            for mode in args.modes.split(","):
+                for count in workers:
+                    m = measure(pool, url, strategy, mode, count, args.operations, args.repeats)
+                    measurements.append(m)
+                    log(f"{strategy:>18} {mode:>8} {count} workers: {m.median:12,.0f}/s")
+    finally:
+        pool.close()
+    report: dict[str, Any] = {
+        "database": backend,
+        "operations_per_worker": args.operations,
+        "repeats": args.repeats,
+        "measurements": [asdict(m) | {"median": m.median} for m in measurements],
+        "ratios": ratios(measurements, backend),
+    }
+    if args.http_calls:
+        report["http"] = http_overhead(url, args.http_calls)
+    if args.memory_states:
+        report["memory"] = memory_growth(url, args.memory_states)
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, measurements, workers)
+    if args.plot:
+        plot(measurements, args.plot)
+    return 0
+
+
+def print_report(
+    report: dict[str, Any], measurements: list[Measurement], workers: list[int]
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"median operations/s on {report['database']}, {report['repeats']} repeats")
+    table.add_column("strategy")
+    table.add_column("mode")
+    for count in workers:
+        table.add_column(f"{count}w", justify="right")
+    keys = sorted(
+        {(m.strategy, m.mode) for m in measurements},
+        key=lambda k: (list(STRATEGIES).index(k[0]), k[1]),
+    )
+    cells = {(m.strategy, m.mode, m.workers): m.median for m in measurements}
+    for strategy, mode in keys:
+        table.add_row(
+            strategy,
+            mode,
+            *[
+                f"{cells[(strategy, mode, c)]:,.0f}" if (strategy, mode, c) in cells else "-"
+                for c in workers
+            ],
+        )
+    console.print(table)
+    targets = Table(title="targets (ratios from this run)")
+    for column in ("ratio", "measured", "target", "met"):
+        targets.add_column(column)
+    for row in report["ratios"]:
+        value = "-" if row["value"] is None else f"{row['value']:,.2f}"
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "n/a"}[row["met"]]
+        targets.add_row(row["ratio"], value, f"{row['target']:,}", met)
+    console.print(targets)
+    if "http" in report:
+        h = report["http"]
+        console.print(
+            f"HTTP on loopback, median per GET: plain httpx {h['plain_ms']:.2f} ms, "
+            f"audited {h['audited_ms']:.2f} ms, added {h['added_ms']:.2f} ms"
+        )
+    if "memory" in report:
+        m = report["memory"]
+        at_most = m[f"peak_mib_at_{m['states']}"]
+        console.print(
+            f"worker peak RSS: {m['peak_mib_at_1000']:.1f} MiB after 1,000 states, "
+            f"{at_most:.1f} MiB after {m['states']:,} "
+            f"(growth {m['growth_mib']:.1f} MiB; target within 5 MB)"
+        )
+
+
+def plot(measurements: list[Measurement], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'callindex[bench]'") from None
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for axis, mode in zip(axes, ("hot", "distinct"), strict=True):
+        for strategy in STRATEGIES:
+            points = sorted(
+                (m.workers, m.median)
+                for m in measurements
+                if m.strategy == strategy and m.mode == mode
+            )
+            if points and strategy != "allocate_100":
+                axis.plot(*zip(*points, strict=True), marker="o", label=strategy)
+        axis.set_title(f"{mode} state(s)")
+        axis.set_xlabel("worker processes")
+        axis.set_yscale("log")
+    axes[0].set_ylabel("operations / s (median)")
+    axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
