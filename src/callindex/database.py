@@ -34,6 +34,7 @@ from sqlalchemy import (
     exc,
     make_url,
 )
+from sqlalchemy.pool import PoolProxiedConnection
 
 from callindex.errors import (
     CallIndexError,
@@ -213,23 +214,41 @@ class Statements:
     every transaction that saw its effects (they come later in the log).
     """
 
-    def __init__(self, db: Database, connection: Connection, *, early_release: bool) -> None:
+    def __init__(
+        self,
+        db: Database,
+        connection: Connection | None = None,
+        *,
+        pooled: PoolProxiedConnection | None = None,
+    ) -> None:
+        """Over an SQLAlchemy ``connection``, or, for early release, over a
+        ``pooled`` psycopg connection (no Connection object: the hot path)."""
         self.db = db
-        self.connection = connection
-        self.early_release = early_release
+        self._connection = connection
+        self._pooled = pooled
+
+    @property
+    def connection(self) -> Connection:
+        assert self._connection is not None, "no SQLAlchemy connection on the early-release path"
+        return self._connection
 
     def rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[Mapping[str, Any]]:
         """The rows ``name`` returns (none for a statement without RETURNING)."""
-        if self.early_release:
-            return self._rows_released_early(name, params or {})
+        if self._pooled is not None:
+            return self._rows_released_early(self._pooled, name, params or {})
         result = self.connection.execute(self.db.statement(name), dict(params or {}))
         return [dict(row._mapping) for row in result] if result.returns_rows else []
 
-    def _rows_released_early(self, name: str, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        raw = self.connection.connection.dbapi_connection
+    def _rows_released_early(
+        self, pooled: PoolProxiedConnection, name: str, params: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        raw = pooled.driver_connection
         assert isinstance(raw, psycopg.Connection)
         script = _EARLY_RELEASE.format(statement=self.db.driver_sql(name))
         try:
+            # The script manages its own transactions; the pool gets the
+            # connection back as it lent it.
+            raw.autocommit = True
             with psycopg.ClientCursor(raw) as cursor:
                 cursor.execute(script, params)
                 cursor.nextset()  # past BEGIN
@@ -241,10 +260,24 @@ class Statements:
         except psycopg.Error as error:
             broken = raw.closed or raw.broken
             if broken:
-                self.connection.invalidate()
+                pooled.invalidate()
             raise exc.DBAPIError.instance(
                 name, None, error, psycopg.Error, connection_invalidated=broken
             ) from error
+        finally:
+            _give_back(pooled, raw)
+
+
+def _give_back(pooled: PoolProxiedConnection, raw: psycopg.Connection[Any]) -> None:
+    """Leave the connection as the pool lent it: idle, not in autocommit."""
+    if raw.closed or raw.broken:
+        return
+    try:
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.execute("ROLLBACK")  # a statement of the script failed mid-transaction
+        raw.autocommit = False
+    except psycopg.Error:
+        pooled.invalidate()
 
 
 _EARLY_RELEASE: Final = (
@@ -270,7 +303,6 @@ class Database:
             self.engine = build_engine(url_or_engine)
             self.display_url = display_url(parse_url(url_or_engine))
         self.backend: str = self.engine.dialect.name
-        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def statement(self, name: str) -> Executable:
         """The named query, compiled once per process and backend."""
@@ -310,15 +342,18 @@ class Database:
         """
         if connection is not None:
             with self.translated_errors():
-                return work(Statements(self, connection, early_release=False))
+                return work(Statements(self, connection))
 
         def attempt() -> T:
             with self.translated_errors():
                 if single_statement and self.backend == "postgresql":
-                    with self._autocommit_engine.connect() as conn:
-                        return work(Statements(self, conn, early_release=True))
+                    pooled = self.engine.raw_connection()
+                    try:
+                        return work(Statements(self, pooled=pooled))
+                    finally:
+                        pooled.close()
                 with self.engine.begin() as transaction:
-                    return work(Statements(self, transaction, early_release=False))
+                    return work(Statements(self, transaction))
 
         return self.retry.call(attempt)
 
@@ -328,7 +363,7 @@ class Database:
         def attempt() -> T:
             with self.translated_errors(), self.engine.connect() as conn:
                 reader = conn.execution_options(**{_READ_ONLY: True})
-                return work(Statements(self, reader, early_release=False))
+                return work(Statements(self, reader))
 
         return self.retry.call(attempt)
 
@@ -344,6 +379,10 @@ class Database:
             raise
         except exc.DBAPIError as error:
             raise self._translate(error) from error
+        except psycopg.Error as error:  # raised outside SQLAlchemy, e.g. a pool checkout
+            wrapped = exc.DBAPIError.instance(None, None, error, psycopg.Error)
+            assert isinstance(wrapped, exc.DBAPIError)
+            raise self._translate(wrapped) from error
         except exc.SQLAlchemyError as error:
             raise DatabaseError(f"{type(error).__name__} on {self.display_url}") from error
 
