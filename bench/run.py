@@ -43,7 +43,9 @@ from callindex import AuditedHTTPClient, CallRecorder
 from callindex.loopback import LoopbackAPI
 
 SPAWN = multiprocessing.get_context("spawn")
-CALLINDEX = frozenset({"allocate", "allocate_100", "record_call", "begin_finish"})
+CALLINDEX = frozenset(
+    {"allocate", "allocate_100", "record_call", "record_call_driver", "begin_finish"}
+)
 
 
 @dataclass

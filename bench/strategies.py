@@ -215,6 +215,38 @@ def record_call(job: Job) -> list[tuple[str, int]]:
     )
 
 
+def record_call_driver(job: Job) -> list[tuple[str, int]]:
+    """callindex's record_call statement and early-release script sent straight
+    through psycopg, without the library's Python layer (validation, payload
+    canonicalisation, pooling, retries): what the design costs the database."""
+    from callindex.database import _EARLY_RELEASE, Database
+
+    database = Database(job.url)
+    script = _EARLY_RELEASE.format(statement=database.driver_sql("record_call"))
+    database.dispose()
+    CallRecorder(job.url).open_state(job.state_id)
+    conn = _psycopg(job.url, job)
+    parameters = {
+        "state_id": job.state_id, "call_type": "http", "status": "success",
+        "request": REQUEST_TEXT, "request_hash": _HASH, "response": RESPONSE_TEXT,
+        "response_hash": _HASH, "error": None, "error_hash": None, "latency_ms": 12.5,
+    }  # fmt: skip
+
+    def loop() -> list[tuple[str, int]]:
+        got = []
+        for _ in range(job.operations):
+            with psycopg.ClientCursor(conn) as cursor:
+                cursor.execute(script, {**parameters, "call_id": uuid.uuid4().hex})
+                cursor.nextset()
+                cursor.nextset()
+                row = cursor.fetchone()
+                assert row is not None
+                got.append((job.state_id, int(row[2])))
+        return got
+
+    return job.timed(loop)
+
+
 def begin_finish(job: Job) -> list[tuple[str, int]]:
     recorder = _recorder(job)
 
@@ -346,9 +378,12 @@ STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "allocate": allocate,
     "allocate_100": allocate_100,
     "record_call": record_call,
+    "record_call_driver": record_call_driver,
     "begin_finish": begin_finish,
     "max_plus_one": max_plus_one,
     "select_for_update": select_for_update,
     "django_sequences": django_sequences,
 }
-POSTGRESQL_ONLY = frozenset({"nextval", "max_plus_one", "select_for_update", "django_sequences"})
+POSTGRESQL_ONLY = frozenset(
+    {"nextval", "max_plus_one", "select_for_update", "django_sequences", "record_call_driver"}
+)
