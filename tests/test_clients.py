@@ -202,8 +202,8 @@ class TestFailuresAreRecorded:
 def test_the_openai_sdk_through_audited_transport_over_httpx2(
     opened: CallRecorder, api: LoopbackAPI, db_url: str
 ) -> None:
-    httpx2 = pytest.importorskip("httpx2")
-    openai = pytest.importorskip("openai")
+    import httpx2  # the `sdk` extra, which the test extra includes: a missing one fails
+    import openai
     api.plan(Reply.too_many_requests("0"), Reply(500, body={"error": {"message": "boom"}}))
     transport = AuditedTransport(opened, "s1", inner=httpx2.HTTPTransport())
     client = openai.OpenAI(

@@ -53,10 +53,9 @@ def _policy_for(policy: RetryPolicy, request: httpx.Request) -> RetryPolicy:
     return policy if policy.allows(request) else NO_HTTP_RETRY
 
 
-class AuditedHTTPClient(httpx.Client):
-    """An ``httpx.Client`` that records every attempt of every request under
-    ``state_id``, with its own database-allocated index, and retries under
-    ``retry`` (``None``: never)."""
+class _Audited:
+    """The constructor both audited clients share: an :class:`AuditedTransport`
+    in front of ``inner``, and the retry policy their ``send`` applies."""
 
     def __init__(
         self,
@@ -68,20 +67,24 @@ class AuditedHTTPClient(httpx.Client):
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
         redactor: Redactor | None = None,
-        inner: httpx.BaseTransport | None = None,
+        inner: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         call_type: CallType = "http",
         annotator: Annotator | None = None,
     ) -> None:
         self.retry_policy = retry or NO_HTTP_RETRY
-        super().__init__(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            transport=AuditedTransport(
-                recorder, state_id, inner, call_type=call_type, redactor=redactor,
-                annotator=annotator,
-            ),
-        )  # fmt: skip
+        transport = AuditedTransport(
+            recorder, state_id, inner, call_type=call_type, redactor=redactor, annotator=annotator
+        )
+        super().__init__(  # type: ignore[call-arg]  # httpx.Client or httpx.AsyncClient
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+
+class AuditedHTTPClient(_Audited, httpx.Client):
+    """An ``httpx.Client`` that records every attempt of every request under
+    ``state_id``, with its own database-allocated index, and retries under
+    ``retry`` (``None``: never). ``inner`` is the transport that sends
+    (default: httpx's own)."""
 
     def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         attempts = _Attempts(request)
@@ -98,34 +101,9 @@ class AuditedHTTPClient(httpx.Client):
         return response
 
 
-class AsyncAuditedHTTPClient(httpx.AsyncClient):
+class AsyncAuditedHTTPClient(_Audited, httpx.AsyncClient):
     """The asyncio twin of :class:`AuditedHTTPClient`. Database work runs in
     worker threads (bounded), never on the event loop."""
-
-    def __init__(
-        self,
-        recorder: CallRecorder,
-        state_id: str,
-        *,
-        base_url: str | httpx.URL = "",
-        headers: dict[str, str] | None = None,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
-        redactor: Redactor | None = None,
-        inner: httpx.AsyncBaseTransport | None = None,
-        call_type: CallType = "http",
-        annotator: Annotator | None = None,
-    ) -> None:
-        self.retry_policy = retry or NO_HTTP_RETRY
-        super().__init__(
-            base_url=base_url,
-            headers=headers,
-            timeout=timeout,
-            transport=AuditedTransport(
-                recorder, state_id, inner, call_type=call_type, redactor=redactor,
-                annotator=annotator,
-            ),
-        )  # fmt: skip
 
     async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         attempts = _Attempts(request)
