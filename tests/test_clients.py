@@ -204,6 +204,7 @@ def test_the_openai_sdk_through_audited_transport_over_httpx2(
 ) -> None:
     import httpx2  # the `sdk` extra, which the test extra includes: a missing one fails
     import openai
+
     api.plan(Reply.too_many_requests("0"), Reply(500, body={"error": {"message": "boom"}}))
     transport = AuditedTransport(opened, "s1", inner=httpx2.HTTPTransport())
     client = openai.OpenAI(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from alembic import command
 from alembic.config import Config
+from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
@@ -21,6 +22,7 @@ from sqlalchemy import Connection, inspect, text
 from callindex.database import Database, Statements, parse_url, sqlite_file
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from callindex.resources import resource_dir
+from callindex.schema import metadata
 
 VERSION_TABLE: Final = "callindex_alembic_version"
 # Any fixed number: serialises concurrent upgrades of one PostgreSQL database.
@@ -112,6 +114,53 @@ def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str
             raise ConfigurationError(f"cannot {direction} to {revision!r}: {error}") from error
 
     db.run(migrate)
+
+
+def upgrade_with(connection: Connection, revision: str = "head") -> None:
+    """Bring callindex's schema to ``revision`` on an application's connection.
+
+    For an application's own alembic ``env.py``: call it after the
+    application's ``context.run_migrations()`` transaction, on the same
+    connection, and ``alembic upgrade heads`` brings callindex up too.
+    callindex keeps its revision in its own version table, so the two
+    histories never mix. ``connection`` must not be inside a transaction.
+    """
+    if connection.in_transaction():
+        raise ConfigurationError(
+            "upgrade_with needs a connection outside a transaction: call it after "
+            "the application's `with context.begin_transaction():` block"
+        )
+    scripts = ScriptDirectory.from_config(alembic_config())
+
+    def steps(current: Any, _context: MigrationContext) -> Any:
+        return scripts._upgrade_revs(revision, current)
+
+    # Not through alembic's command API: that would start an environment
+    # inside the application's running one, and both share alembic's
+    # module-level `context` proxy.
+    context = MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE, "fn": steps}
+    )
+    try:
+        with connection.begin(), Operations.context(context):
+            if connection.dialect.name == "postgresql":
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY}
+                )
+            context.run_migrations()
+    except CommandError as error:
+        raise ConfigurationError(f"cannot upgrade to {revision!r}: {error}") from error
+
+
+def include_object(
+    object_: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """An ``include_object`` hook for an application's alembic autogenerate:
+    leaves callindex's tables (and its version table) to callindex."""
+    if type_ == "table":
+        return name not in (*metadata.tables, VERSION_TABLE)
+    table = getattr(object_, "table", None)
+    return getattr(table, "name", None) not in metadata.tables
 
 
 def offline_sql(url: str, revision_range: str = "base:head") -> str:
