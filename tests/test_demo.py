@@ -22,6 +22,9 @@ from callindex.demo.legacy import LegacyCounters
 from callindex.demo.verdict import added_latency, find_gaps, percentile
 
 SMALL = ("--workers", "2", "--states", "4", "--calls-per-state", "6")
+# --kill-one arms once every worker has sent its baseline calls and work is left:
+# enough work that a fast machine cannot finish it first.
+KILLABLE = ("--workers", "2", "--states", "8", "--calls-per-state", "12")
 
 
 # The verdict, from plain rows
@@ -299,11 +302,11 @@ def test_demo_on_postgresql(postgresql_url: str, demo_folder: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_one_leaves_an_abandoned_call(demo_folder: Path) -> None:
-    result = _demo("demo", *SMALL, "--kill-one")
-    table = _assert_passed(result)
+    result = _demo("demo", *KILLABLE, "--kill-one")
+    table = _assert_passed(result, logical_calls=96)
     assert "killed worker" in result.stderr
     assert int(table["abandoned calls"][0]) >= 1
-    calls = _assert_trail(f"sqlite:///{demo_folder / 'callindex-demo.db'}")
+    calls = _assert_trail(f"sqlite:///{demo_folder / 'callindex-demo.db'}", states=8)
     assert [status for *_, status in calls].count("abandoned") == 1
     assert "pending" not in {status for *_, status in calls}
 
@@ -329,11 +332,11 @@ def test_shared_database_keeps_to_its_own_states(
         recorder.open_state("another-app")
         in_flight = recorder.begin_call("another-app", "http", {"url": "https://x"})
     monkeypatch.setenv("CALLINDEX_DATABASE_URL", sqlite_url)
-    result = _demo("demo", *SMALL, "--kill-one", "--legacy")
-    table = _assert_passed(result)
+    result = _demo("demo", *KILLABLE, "--kill-one", "--legacy")
+    table = _assert_passed(result, logical_calls=96)
     recorded, lost = int(table["calls recorded"][1]), int(table["lost calls"][1])
-    assert recorded + lost + 1 == 24  # the killed call leaves no trace in the legacy table
-    _assert_trail(sqlite_url)
+    assert recorded + lost + 1 == 96  # the killed call leaves no trace in the legacy table
+    _assert_trail(sqlite_url, states=8)
     with CallRecorder(sqlite_url) as recorder:
         call = recorder.get_call(in_flight.call_id)
         assert call is not None and call.status == "pending"
