@@ -23,6 +23,8 @@ from callindex import (
 from callindex.database import Database
 from callindex.resources import resource_dir
 
+from workers import run_workers, upgrade_once
+
 REPO = Path(__file__).resolve().parents[1]
 SQL_FILES = {"postgresql": "postgresql.sql", "sqlite": "sqlite.sql"}
 DIALECT_URLS = {"postgresql": "postgresql+psycopg://", "sqlite": "sqlite://"}
@@ -221,3 +223,12 @@ def test_downgrading_away_recorded_calls_needs_force(db_url: str) -> None:
     migrations.downgrade(db, "base", force=True)
     assert migrations.current_revision(db) is None
     db.dispose()
+
+
+@pytest.mark.slow
+def test_concurrent_upgrades_are_serialised(empty_db_url: str) -> None:
+    """Workers that all call upgrade() at start: one migrates, the others find head."""
+    if empty_db_url.startswith("sqlite"):
+        Database(empty_db_url).prepare_file()
+    assert run_workers(upgrade_once, [(empty_db_url,)] * 4) == [True] * 4
+    assert migrations.check(Database(empty_db_url)).up_to_date

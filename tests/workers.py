@@ -261,3 +261,14 @@ def request_and_hang(url: str, api_url: str, state_id: str, held: Any, report: A
     ):
         held.set()
         http.get("/items/slow")
+
+
+def upgrade_once(barrier: Barrier, results: Any, url: str) -> None:
+    """Upgrade the schema, released at the same moment as the other workers."""
+    try:
+        with CallRecorder(url) as recorder:
+            barrier.wait()
+            recorder.upgrade()
+        results.put(True)
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")

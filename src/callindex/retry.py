@@ -91,9 +91,6 @@ def _check_limits(max_attempts: int, max_seconds: float, initial: float, maximum
         raise InvalidInputError("need numbers with 0 < initial_wait <= max_wait")
 
 
-NO_RETRY = DatabaseRetryPolicy(max_attempts=1, max_seconds=0)
-
-
 RETRY_STATUSES: Final = frozenset({408, 409, 429, *range(500, 600)})
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 RETRY_SAFE_EXTENSION: Final = "callindex.retry_safe"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import httpx
 
@@ -99,14 +99,19 @@ def _client_options(
     }
 
 
-def _completion_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> Any:
-    return {"model": params.pop("model", model), "messages": messages, **params}
+def _completion(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> Any:
+    """The arguments of the POST of one completion (marked safe to retry)."""
+    body = {"model": params.pop("model", model), "messages": messages, **params}
+    return {"json": body, "extensions": _RETRY_SAFE}
 
 
-class AuditedLLMClient:
-    """``AuditedLLMClient(recorder, state_id, base_url="https://api.openai.com/v1",
-    api_key=..., model="gpt-4o-mini").chat(messages)``. Each attempt is a
-    recorded call; the API key only ever reaches the trail as a fingerprint."""
+ClientT = TypeVar("ClientT", AuditedHTTPClient, AsyncAuditedHTTPClient)
+
+
+class _LLM(Generic[ClientT]):
+    """The constructor both LLM clients share: an audited HTTP client of their kind."""
+
+    _client_type: type[ClientT]
 
     def __init__(
         self,
@@ -120,21 +125,25 @@ class AuditedLLMClient:
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         headers: dict[str, str] | None = None,
         redactor: Redactor | None = None,
-        inner: httpx.BaseTransport | None = None,
+        inner: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
-        self.http = AuditedHTTPClient(
+        self.http: ClientT = self._client_type(
             recorder, state_id, retry=retry, timeout=timeout, redactor=redactor, inner=inner,
             **_client_options(base_url, api_key, headers),
         )  # fmt: skip
 
+
+class AuditedLLMClient(_LLM[AuditedHTTPClient]):
+    """``AuditedLLMClient(recorder, state_id, base_url="https://api.openai.com/v1",
+    api_key=..., model="gpt-4o-mini").chat(messages)``. Each attempt is a
+    recorded call; the API key only ever reaches the trail as a fingerprint."""
+
+    _client_type = AuditedHTTPClient
+
     def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
         """One chat completion; raises ``httpx.HTTPStatusError`` on a final non-2xx."""
-        response = self.http.post(
-            "chat/completions",
-            json=_completion_body(self.model, messages, params),
-            extensions=_RETRY_SAFE,
-        )
+        response = self.http.post("chat/completions", **_completion(self.model, messages, params))
         response.raise_for_status()
         return ChatResult.from_response(response.json())
 
@@ -153,34 +162,14 @@ class AuditedLLMClient:
         self.close()
 
 
-class AsyncAuditedLLMClient:
+class AsyncAuditedLLMClient(_LLM[AsyncAuditedHTTPClient]):
     """The asyncio twin of :class:`AuditedLLMClient`."""
 
-    def __init__(
-        self,
-        recorder: CallRecorder,
-        state_id: str,
-        *,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
-        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-        headers: dict[str, str] | None = None,
-        redactor: Redactor | None = None,
-        inner: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.model = model
-        self.http = AsyncAuditedHTTPClient(
-            recorder, state_id, retry=retry, timeout=timeout, redactor=redactor, inner=inner,
-            **_client_options(base_url, api_key, headers),
-        )  # fmt: skip
+    _client_type = AsyncAuditedHTTPClient
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
         response = await self.http.post(
-            "chat/completions",
-            json=_completion_body(self.model, messages, params),
-            extensions=_RETRY_SAFE,
+            "chat/completions", **_completion(self.model, messages, params)
         )
         response.raise_for_status()
         return ChatResult.from_response(response.json())
