@@ -305,6 +305,29 @@ def ratios(measurements: list[Measurement], backend: str) -> list[dict[str, Any]
     return rows
 
 
+def trigger_cost(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """What the numbering trigger adds to one insert: legacy_insert (into calls)
+    against bare_insert (the same insert into a copy without the trigger),
+    per mode and worker count, in microseconds of wall time per insert."""
+    table = {(m.strategy, m.mode, m.workers): m.median for m in measurements}
+    rows = []
+    for (strategy, mode, workers), with_trigger in sorted(table.items()):
+        without = table.get(("bare_insert", mode, workers))
+        if strategy != "legacy_insert" or not without:
+            continue
+        rows.append(
+            {
+                "mode": mode,
+                "workers": workers,
+                "plain_per_s": without,
+                "with_trigger_per_s": with_trigger,
+                "ratio": with_trigger / without,
+                "added_us_per_insert": (workers / with_trigger - workers / without) * 1e6,
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="callindex benchmark")
     parser.add_argument(
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "measurements": [asdict(m) | {"median": m.median} for m in measurements],
         "ratios": ratios(measurements, backend),
+        "trigger_cost": trigger_cost(measurements),
     }
     if args.http_calls:
         report["http"] = http_overhead(url, args.http_calls)
@@ -410,6 +434,12 @@ def print_report(
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "n/a"}[row["met"]]
         targets.add_row(row["ratio"], value, f"{row['target']:,}", met)
     console.print(targets)
+    for row in report.get("trigger_cost", []):
+        console.print(
+            f"numbering trigger, {row['mode']}, {row['workers']}w: "
+            f"{row['with_trigger_per_s']:,.0f}/s vs {row['plain_per_s']:,.0f}/s without "
+            f"(ratio {row['ratio']:.2f}, +{row['added_us_per_insert']:.0f} µs per insert)"
+        )
     if "http" in report:
         h = report["http"]
         console.print(

@@ -86,29 +86,50 @@ def _client_index(job: Job, k: int) -> int:
     return job.worker + k * job.workers
 
 
-_INSERT_POSTGRESQL = (
-    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, request, "
-    "request_hash, response, response_hash, latency_ms, completed_at) VALUES "
-    "(%s, %s, %s, 'http', 'success', %s::jsonb, %s, %s::jsonb, %s, 12.5, now())"
-)
-_INSERT_SQLITE = (
-    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, request, "
-    "request_hash, response, response_hash, latency_ms, completed_at) VALUES "
-    "(?, ?, ?, 'http', 'success', ?, ?, ?, ?, 12.5, strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+# The floor and the MAX + 1 strategy write to PLAIN_TABLE, a copy of calls
+# without callindex's numbering trigger, as a database without callindex would.
+# legacy_insert sends the same insert to calls, so the two differ by the trigger.
+PLAIN_TABLE = "bench_plain_calls"
+_COLUMNS = (
+    "(call_id, state_id, call_index, call_type, status, request, "
+    "request_hash, response, response_hash, latency_ms, completed_at)"
 )
 _HASH = "0" * 64
 
 
+def _insert_sql(backend: str, table: str) -> str:
+    if backend == "postgresql":
+        return (
+            f"INSERT INTO {table} {_COLUMNS} VALUES "
+            "(%s, %s, %s, 'http', 'success', %s::jsonb, %s, %s::jsonb, %s, 12.5, now())"
+        )
+    return (
+        f"INSERT INTO {table} {_COLUMNS} VALUES (?, ?, ?, 'http', 'success', ?, ?, ?, ?, 12.5, "
+        "strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+    )
+
+
 def bare_insert(job: Job) -> list[tuple[str, int]]:
     """The floor: insert the same call row with an index the client chose."""
+    return _client_indexed_inserts(job, PLAIN_TABLE)
+
+
+def legacy_insert(job: Job) -> list[tuple[str, int]]:
+    """The floor's insert sent to calls, as a legacy writer does in a rolling
+    deploy: what the numbering trigger costs per insert."""
+    return _client_indexed_inserts(job, "calls")
+
+
+def _client_indexed_inserts(job: Job, table: str) -> list[tuple[str, int]]:
     indices = [_client_index(job, k) for k in range(job.operations)]
+    insert = _insert_sql(job.backend, table)
     if job.backend == "postgresql":
         conn = _psycopg(job.url, job)
 
         def loop() -> list[tuple[str, int]]:
             for index in indices:
                 conn.execute(
-                    _INSERT_POSTGRESQL,
+                    insert,
                     (
                         uuid.uuid4().hex,
                         job.state_id,
@@ -128,7 +149,7 @@ def bare_insert(job: Job) -> list[tuple[str, int]]:
         for index in indices:
             lite.execute("BEGIN IMMEDIATE")
             lite.execute(
-                _INSERT_SQLITE,
+                insert,
                 (uuid.uuid4().hex, job.state_id, index, REQUEST_TEXT, _HASH, RESPONSE_TEXT, _HASH),
             )
             lite.execute("COMMIT")
@@ -158,15 +179,38 @@ def sequence_name(state_id: str) -> str:
 
 
 def prepare(url: str, strategy: str, state_ids: set[str]) -> None:
-    """What a run needs before its workers start: counter rows, sequences."""
+    """What a run needs before its workers start: counter rows, sequences, the plain table."""
     if strategy == "nextval":
         with _psycopg(url) as conn:
             for state_id in state_ids:
                 conn.execute(f"CREATE SEQUENCE {sequence_name(state_id)}")
-    elif strategy in ("bare_insert", "max_plus_one"):  # rows need their counter row
+    elif strategy in ("bare_insert", "max_plus_one"):
+        create_plain_table(url)
+    elif strategy == "legacy_insert":
         with CallRecorder(url) as recorder:
             for state_id in state_ids:
                 recorder.open_state(state_id)
+
+
+def create_plain_table(url: str) -> None:
+    """calls' columns, keys and unique index, without its triggers and foreign key."""
+    if make_url(url).get_backend_name() == "postgresql":
+        with _psycopg(url) as conn:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {PLAIN_TABLE} (LIKE calls INCLUDING DEFAULTS "
+                "INCLUDING CONSTRAINTS INCLUDING INDEXES)"
+            )
+        return
+    with sqlite3.connect(make_url(url).database or "", isolation_level=None, timeout=30) as lite:
+        lite.execute(
+            f"CREATE TABLE IF NOT EXISTS {PLAIN_TABLE} (call_id TEXT PRIMARY KEY, "
+            "state_id TEXT NOT NULL, call_index BIGINT NOT NULL, call_type VARCHAR(64) NOT NULL, "
+            "status VARCHAR(16) NOT NULL, request JSON, request_hash VARCHAR(64), response JSON, "
+            "response_hash VARCHAR(64), latency_ms FLOAT, completed_at DATETIME, "
+            "created_at DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')), "
+            "UNIQUE (state_id, call_index))"
+        )
+    lite.close()
 
 
 def _recorder(job: Job) -> CallRecorder:
@@ -264,19 +308,21 @@ def begin_finish(job: Job) -> list[tuple[str, int]]:
 def max_plus_one(job: Job) -> list[tuple[str, int]]:
     """Today's common way: read max(call_index) + 1, insert, retry on a unique violation."""
     conn = _psycopg(job.url, job)
+    insert = _insert_sql("postgresql", PLAIN_TABLE)
 
     def loop() -> list[tuple[str, int]]:
         got = []
         for _ in range(job.operations):
             while True:
                 row = conn.execute(
-                    "SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = %s",
+                    f"SELECT coalesce(max(call_index) + 1, 0) FROM {PLAIN_TABLE} "
+                    "WHERE state_id = %s",
                     (job.state_id,),
                 ).fetchone()
                 assert row is not None
                 try:
                     conn.execute(
-                        _INSERT_POSTGRESQL,
+                        insert,
                         (
                             uuid.uuid4().hex,
                             job.state_id,
@@ -374,6 +420,7 @@ def django_sequences_available() -> bool:
 
 STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "bare_insert": bare_insert,
+    "legacy_insert": legacy_insert,
     "nextval": nextval,
     "allocate": allocate,
     "allocate_100": allocate_100,

@@ -166,5 +166,181 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0003' WHERE callindex_alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+DROP FUNCTION callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text, double precision);
+
+DROP FUNCTION callindex_allocate(text, integer);
+
+CREATE FUNCTION callindex_number_call() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;  -- an adopted table may hold calls of no state; not numbered here
+    END IF;
+    IF NEW.call_index IS NULL THEN
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = NEW.state_id
+        RETURNING next_index - 1 INTO NEW.call_index;
+        IF FOUND THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    -- Hold the counter until this insert commits: every writer of the state
+    -- queues here, so the checks below see every call committed before.
+    SELECT next_index INTO next FROM call_index_counters
+    WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO call_index_counters (state_id, next_index)
+        SELECT NEW.state_id, coalesce(max(call_index) + 1, 0)
+        FROM calls WHERE state_id = NEW.state_id
+        ON CONFLICT (state_id) DO NOTHING;
+        SELECT next_index INTO next FROM call_index_counters
+        WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+    END IF;
+    IF NEW.call_index IS NULL
+       OR (NEW.call_index < next AND EXISTS (
+               SELECT 1 FROM calls
+               WHERE state_id = NEW.state_id AND call_index = NEW.call_index)) THEN
+        NEW.call_index := next;
+    END IF;
+    IF NEW.call_index >= next THEN
+        UPDATE call_index_counters SET next_index = NEW.call_index + 1
+        WHERE state_id = NEW.state_id;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION callindex_reserve(p_state_id text, p_count integer)
+RETURNS SETOF bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    -- No row: the state is unknown (or p_count is not positive).
+    RETURN QUERY
+    UPDATE call_index_counters
+    SET next_index = next_index + p_count
+    WHERE state_id = p_state_id AND p_count >= 1
+    RETURNING next_index - p_count;
+END;
+$$;
+
+CREATE FUNCTION callindex_allocate(state_id text, count integer DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    first_index bigint;
+BEGIN
+    IF callindex_allocate.count IS NULL OR callindex_allocate.count < 1 THEN
+        RAISE EXCEPTION 'callindex_allocate: count must be at least 1, not %',
+            callindex_allocate.count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT reserved INTO first_index
+    FROM callindex_reserve(callindex_allocate.state_id, callindex_allocate.count) AS reserved;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'callindex_allocate: unknown state %', callindex_allocate.state_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN first_index;
+END;
+$$;
+
+CREATE FUNCTION callindex_open_state(p_state_id text) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    -- A state with calls but no counter yet (an adopted table) starts past them.
+    INSERT INTO call_index_counters (state_id, next_index)
+    SELECT p_state_id, coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = p_state_id
+    ON CONFLICT (state_id) DO NOTHING;
+END;
+$$;
+
+CREATE FUNCTION callindex_record_call(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    recorded calls;
+BEGIN
+    -- A call_id recorded already comes back as it is: no second row, no index used.
+    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT recorded;
+        RETURN;
+    END IF;
+    PERFORM FROM call_index_counters WHERE state_id = p_state_id;
+    IF NOT FOUND THEN
+        RETURN;  -- unknown state: no row
+    END IF;
+    -- callindex_number_call gives the call its index. A concurrent insert of
+    -- the same call_id fails this one on its primary key, and the counter
+    -- bump rolls back with it.
+    INSERT INTO calls (
+        call_id, state_id, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    ) VALUES (
+        p_call_id, p_state_id, p_call_type, p_status,
+        p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+        p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    )
+    RETURNING * INTO recorded;
+    RETURN NEXT recorded;
+END;
+$$;
+
+CREATE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response, response_hash = p_response_hash,
+        error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+    RETURNING *;
+END;
+$$;
+
+CREATE TRIGGER callindex_number_call BEFORE INSERT ON calls FOR EACH ROW EXECUTE FUNCTION callindex_number_call();
+
+DO $$
+DECLARE
+    fn text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['callindex_number_call()', 'callindex_reserve(text, integer)', 'callindex_allocate(text, integer)', 'callindex_open_state(text)', 'callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text, double precision)', 'callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', fn, current_schema());
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', fn);
+    END LOOP;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0004' WHERE callindex_alembic_version.version_num = '0003';
+
 COMMIT;
 

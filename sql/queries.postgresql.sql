@@ -1,7 +1,18 @@
 -- PostgreSQL versions of the queries that differ between backends.
 
+-- open_state --
+-- Create the counter row of a state (past any calls it already has); a no-op
+-- when it exists. callindex_open_state (migration 0004).
+SELECT callindex_open_state(CAST(:state_id AS text));
+
+-- allocate_call_index --
+-- Reserve :count consecutive indices in one atomic UPDATE and return the first;
+-- no row for an unknown state. callindex_reserve (migration 0004).
+SELECT callindex_reserve AS first_index
+FROM callindex_reserve(CAST(:state_id AS text), CAST(:count AS integer));
+
 -- record_call --
--- Allocate and insert in one statement (callindex_record_call, migration 0003).
+-- Allocate and insert in one statement (callindex_record_call, migration 0004).
 -- When :call_id is recorded already the counter is left alone and the recorded
 -- call comes back. No row at all: the state is unknown. A concurrent insert of
 -- the same :call_id fails this statement as a whole on pk_calls, so its counter
@@ -15,16 +26,12 @@ SELECT * FROM callindex_record_call(
 
 -- finish_call --
 -- Complete a pending call; no row when it is not pending (or unknown).
-UPDATE calls
-SET status = CAST(:status AS varchar),
-    response = CAST(:response AS jsonb), response_hash = CAST(:response_hash AS varchar),
-    error = CAST(:error AS jsonb), error_hash = CAST(:error_hash AS varchar),
-    latency_ms = CAST(:latency_ms AS double precision),
-    completed_at = now()
-WHERE call_id = CAST(:call_id AS text) AND status = 'pending'
-RETURNING call_id, state_id, call_index, call_type, status,
-          request, request_hash, response, response_hash, error, error_hash,
-          latency_ms, created_at, completed_at;
+-- callindex_finish_call (migration 0004).
+SELECT * FROM callindex_finish_call(
+    CAST(:call_id AS text), CAST(:status AS text), CAST(:response AS jsonb),
+    CAST(:response_hash AS text), CAST(:error AS jsonb), CAST(:error_hash AS text),
+    CAST(:latency_ms AS double precision)
+);
 
 -- sweep_pending --
 -- Mark pending calls older than :seconds abandoned, oldest first.

@@ -1,18 +1,33 @@
 -- SQLite versions of the queries that differ between backends. Timestamps are
 -- UTC text with milliseconds, 'YYYY-MM-DD HH:MM:SS.SSS', which sorts in time order.
 
+-- open_state --
+-- Create the counter row of a state (past any calls it already has); a no-op
+-- when it exists.
+INSERT INTO call_index_counters (state_id, next_index)
+SELECT :state_id, coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = :state_id
+ON CONFLICT (state_id) DO NOTHING;
+
+-- allocate_call_index --
+-- Reserve :count consecutive indices in one atomic statement and return the first.
+-- No row comes back for an unknown state.
+UPDATE call_index_counters
+SET next_index = next_index + :count
+WHERE state_id = :state_id
+RETURNING next_index - :count AS first_index;
+
 -- insert_call --
 -- The second half of record_call, after find_call and allocate_call_index
 -- in the same BEGIN IMMEDIATE transaction.
 INSERT INTO calls (
     call_id, state_id, call_index, call_type, status,
     request, request_hash, response, response_hash, error, error_hash,
-    latency_ms, completed_at
+    latency_ms, created_at, completed_at
 )
 VALUES (
     :call_id, :state_id, :call_index, :call_type, :status,
     :request, :request_hash, :response, :response_hash, :error, :error_hash,
-    :latency_ms,
+    :latency_ms, strftime('%Y-%m-%d %H:%M:%f', 'now'),
     CASE WHEN :status = 'pending' THEN NULL ELSE strftime('%Y-%m-%d %H:%M:%f', 'now') END
 )
 RETURNING call_id, state_id, call_index, call_type, status,

@@ -93,5 +93,47 @@ UPDATE callindex_alembic_version SET version_num='0002' WHERE callindex_alembic_
 
 UPDATE callindex_alembic_version SET version_num='0003' WHERE callindex_alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+DROP TRIGGER callindex_guard_calls_replace_index;
+
+CREATE TRIGGER callindex_number_call_missing BEFORE INSERT ON calls
+WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NULL
+BEGIN
+    INSERT INTO call_index_counters (state_id, next_index)
+    SELECT NEW.state_id,
+           (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
+    WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
+    UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
+    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    SELECT RAISE(IGNORE);
+END;
+
+CREATE TRIGGER callindex_number_call_taken BEFORE INSERT ON calls
+WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL AND EXISTS (
+    SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    INSERT INTO call_index_counters (state_id, next_index)
+    SELECT NEW.state_id,
+           (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
+    WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
+    UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
+    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    SELECT RAISE(IGNORE);
+END;
+
+CREATE TRIGGER callindex_number_call_given BEFORE INSERT ON calls
+WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL
+BEGIN
+    INSERT INTO call_index_counters (state_id, next_index)
+    SELECT NEW.state_id,
+           (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
+    WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
+    UPDATE call_index_counters SET next_index = NEW.call_index + 1
+    WHERE state_id = NEW.state_id AND next_index <= NEW.call_index;
+END;
+
+UPDATE callindex_alembic_version SET version_num='0004' WHERE callindex_alembic_version.version_num = '0003';
+
 COMMIT;
 

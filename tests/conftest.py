@@ -178,3 +178,32 @@ def assert_trail_sound(
         report = recorder.verify()
     assert report.ok, report.as_json()
     assert not report.counters_behind and not report.duplicates
+
+
+def insert_bypassing_the_counter(url: str, call_id: str, state_id: str, call_index: int) -> None:
+    """Write a call the way nothing should: past the numbering trigger (PostgreSQL's
+    replica mode; on SQLite the trigger is dropped and put back), so the state's
+    counter stays behind it."""
+    insert = text(
+        "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+        "VALUES (:call_id, :state_id, :call_index, 'http', 'success')"
+    )
+    values = {"call_id": call_id, "state_id": state_id, "call_index": call_index}
+    with CallRecorder(url) as recorder, recorder.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+            conn.execute(insert, values)
+            return
+        triggers = dict(
+            conn.execute(
+                text(
+                    "SELECT name, sql FROM sqlite_master "
+                    "WHERE type = 'trigger' AND name LIKE 'callindex_number_call%'"
+                )
+            ).all()
+        )
+        for name in triggers:
+            conn.execute(text(f"DROP TRIGGER {name}"))
+        conn.execute(insert, values)
+        for sql in triggers.values():
+            conn.execute(text(sql))

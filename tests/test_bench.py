@@ -56,7 +56,14 @@ def test_a_small_run_of_every_strategy(db_url: str, tmp_path: Path, capsys: Any)
     report = json.loads(saved.read_text())
     assert json.loads(capsys.readouterr().out) == report
     measured = {(m["strategy"], m["mode"], m["workers"]) for m in report["measurements"]}
-    expected = {"bare_insert", "allocate", "allocate_100", "record_call", "begin_finish"}
+    expected = {
+        "bare_insert",
+        "legacy_insert",
+        "allocate",
+        "allocate_100",
+        "record_call",
+        "begin_finish",
+    }
     if db_url.startswith("postgresql"):
         expected |= {"nextval", "max_plus_one", "select_for_update"}
     assert {s for s, _, _ in measured} >= expected
@@ -64,3 +71,6 @@ def test_a_small_run_of_every_strategy(db_url: str, tmp_path: Path, capsys: Any)
     assert report["memory"]["states"] == 1500
     assert report["http"]["audited_ms"] > 0
     assert report["ratios"]
+    assert {(row["mode"], row["workers"]) for row in report["trigger_cost"]} == {
+        (mode, workers) for mode in ("hot", "distinct") for workers in (1, 2)
+    }

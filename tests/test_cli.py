@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import text
 
 from callindex import migrations
 from callindex.cli import cli
+
+from conftest import insert_bypassing_the_counter
 
 UNREACHABLE = "postgresql+psycopg://someone:hunter2-secret@127.0.0.1:1/x?connect_timeout=2"
 
@@ -150,13 +151,7 @@ class TestAuditCommands:
         assert report["ok"] and [p["call_id"] for p in report["stale_pending"]] == [begun.call_id]
         swept = run("--db", db_url, "sweep", "--older-than", "0s")
         assert swept.exit_code == 0 and begun.call_id in swept.stdout
-        with CallRecorder(db_url) as recorder, recorder.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
-                    "VALUES ('rogue', 's1', 5, 'http', 'success')"
-                )
-            )
+        insert_bypassing_the_counter(db_url, "rogue", "s1", 5)
         failed = run("--db", db_url, "verify")
         assert failed.exit_code == 1 and "FAIL" in failed.stdout
         assert json.loads(run("--db", db_url, "verify", "--json").stdout)["ok"] is False

@@ -21,7 +21,7 @@ from callindex import (
 )
 from callindex.retry import DatabaseRetryPolicy
 
-from conftest import assert_trail_sound, call_rows, counter_value
+from conftest import assert_trail_sound, call_rows, counter_value, insert_bypassing_the_counter
 
 
 @pytest.fixture
@@ -163,25 +163,40 @@ class TestTheDatabaseGuardsTheTrail:
                 conn.execute(text(f"TRUNCATE {table} CASCADE"))
         assert len(call_rows(postgresql_url)) == 1
 
-    @pytest.mark.parametrize(
-        "replacement",
-        [
-            "('done', 's1', 5, 'http', 'error')",  # same call_id
-            "('other', 's1', 0, 'http', 'error')",  # same (state_id, call_index)
-        ],
-    )
-    def test_sqlite_refuses_insert_or_replace(self, sqlite_url: str, replacement: str) -> None:
+    def test_sqlite_refuses_insert_or_replace_of_a_call_id(self, sqlite_url: str) -> None:
         with CallRecorder(sqlite_url) as recorder:
             recorder.open_state("s1")
             recorder.record_call("s1", "http", "success", {}, call_id="done")
             before = call_rows(sqlite_url)
-            columns = "(call_id, state_id, call_index, call_type, status)"
             with (
                 pytest.raises(exc.DBAPIError, match="callindex: "),
                 recorder.engine.begin() as conn,
             ):
-                conn.execute(text(f"INSERT OR REPLACE INTO calls {columns} VALUES {replacement}"))
+                conn.execute(
+                    text(
+                        "INSERT OR REPLACE INTO calls (call_id, state_id, call_index, call_type, "
+                        "status) VALUES ('done', 's1', 5, 'http', 'error')"
+                    )
+                )
         assert call_rows(sqlite_url) == before
+
+    def test_sqlite_insert_or_replace_on_a_taken_index_replaces_nothing(
+        self, sqlite_url: str
+    ) -> None:
+        with CallRecorder(sqlite_url) as recorder:
+            recorder.open_state("s1")
+            recorder.record_call("s1", "http", "success", {}, call_id="done")
+            before = call_rows(sqlite_url)
+            with recorder.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT OR REPLACE INTO calls (call_id, state_id, call_index, call_type, "
+                        "status) VALUES ('other', 's1', 0, 'http', 'error')"
+                    )
+                )
+            after = call_rows(sqlite_url)
+        assert after[: len(before)] == before
+        assert [(row[0], row[2]) for row in after[len(before) :]] == [("other", 1)]
 
     def test_a_pending_call_may_be_finished_by_sql(self, opened: CallRecorder) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="open")
@@ -196,29 +211,35 @@ class TestTheDatabaseGuardsTheTrail:
 
 
 class TestCounterBehindItsCalls:
-    def _write_behind_the_allocators_back(self, recorder: CallRecorder) -> None:
-        with recorder.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
-                    "VALUES ('legacy', 's1', 0, 'http', 'success')"
-                )
-            )
+    """A counter can only fall behind when its calls bypass the numbering
+    trigger: written with triggers off (PostgreSQL's replica mode), or on
+    SQLite with the trigger dropped."""
 
-    def test_a_collision_is_reported_not_retried(self, db_url: str) -> None:
+    def test_postgresql_reports_a_collision_and_does_not_retry(self, postgresql_url: str) -> None:
         patient = DatabaseRetryPolicy(max_attempts=50, max_seconds=60)
-        with CallRecorder(db_url, retry=patient) as recorder:
+        with CallRecorder(postgresql_url, retry=patient) as recorder:
             recorder.open_state("s1")
-            self._write_behind_the_allocators_back(recorder)
+            insert_bypassing_the_counter(postgresql_url, "legacy", "s1", 0)
             with pytest.raises(CounterBehindError, match="callindex repair"):
                 recorder.record_call("s1", "http", "success", {})
-            assert counter_value(db_url, "s1") == 0
-            report = recorder.verify()
-            assert not report.ok
-            assert report.counters_behind == [{"state_id": "s1", "next_index": 0, "max_index": 0}]
+            assert counter_value(postgresql_url, "s1") == 0
 
-    def test_repair_moves_the_counter_forward(self, opened: CallRecorder, db_url: str) -> None:
-        self._write_behind_the_allocators_back(opened)
+    def test_sqlite_renumbers_the_call_past_the_collision(self, sqlite_url: str) -> None:
+        with CallRecorder(sqlite_url) as recorder:
+            recorder.open_state("s1")
+            insert_bypassing_the_counter(sqlite_url, "legacy", "s1", 0)
+            call = recorder.record_call("s1", "http", "success", {})
+            assert call.call_index == 1
+            assert recorder.get_call(call.call_id) == call
+            assert recorder.verify().ok
+
+    def test_verify_reports_it_and_repair_moves_the_counter_forward(
+        self, opened: CallRecorder, db_url: str
+    ) -> None:
+        insert_bypassing_the_counter(db_url, "legacy", "s1", 0)
+        report = opened.verify()
+        assert not report.ok
+        assert report.counters_behind == [{"state_id": "s1", "next_index": 0, "max_index": 0}]
         assert opened.repair() == [{"state_id": "s1", "next_index": 1}]
         assert opened.repair() == []
         assert opened.record_call("s1", "http", "success", {}).call_index == 1
@@ -332,7 +353,7 @@ class TestAResultLostAfterCommit:
 
     def test_finish_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="lost-ack")
-        broken = break_once_after(opened, "UPDATE calls")
+        broken = break_once_after(opened, "UPDATE calls", "callindex_finish_call")
         done = opened.finish_call("lost-ack", "success", {"ok": True})
         assert broken and done.status == "success" and done.response == {"ok": True}
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]

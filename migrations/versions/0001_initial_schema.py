@@ -59,9 +59,7 @@ def upgrade() -> None:
         "call_index_counters",
         sa.Column("state_id", sa.Text(), nullable=False),
         sa.Column("next_index", sa.BigInteger(), server_default="0", nullable=False),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False),
         sa.CheckConstraint(
             "next_index >= 0", name=op.f("ck_call_index_counters_next_index_non_negative")
         ),
@@ -86,9 +84,7 @@ def upgrade() -> None:
         sa.Column("error", _json, nullable=True),
         sa.Column("error_hash", sa.String(length=64), nullable=True),
         sa.Column("latency_ms", sa.Float(), nullable=True),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now(), nullable=False),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("call_index >= 0", name=op.f("ck_calls_call_index_non_negative")),
         sa.CheckConstraint(

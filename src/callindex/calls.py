@@ -194,7 +194,13 @@ def insert(statements: Statements, parameters: Mapping[str, Any]) -> Call:
         else:
             index = allocator.allocate(statements, parameters["state_id"], 1)
             rows = statements.rows("insert_call", {**parameters, "call_index": index})
-            return Call.from_row(rows[0])
+            if rows:
+                return Call.from_row(rows[0])
+            # The index was taken (the counter was behind): the numbering
+            # trigger recorded the call at the next free one instead.
+            recorded = find(statements, parameters["call_id"])
+            assert recorded is not None, "the numbering trigger recorded the call"
+            return recorded
     _ensure_same_call(call, parameters)
     return call
 
