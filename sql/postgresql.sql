@@ -67,7 +67,7 @@ INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING ca
 
 -- Running upgrade 0001 -> 0002
 
-CREATE INDEX ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
 
 CREATE FUNCTION callindex_guard_calls() RETURNS trigger
 LANGUAGE plpgsql

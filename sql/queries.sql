@@ -25,6 +25,7 @@ SET next_index = recorded.next_index
 FROM (
     SELECT state_id, max(call_index) + 1 AS next_index
     FROM calls
+    WHERE state_id IS NOT NULL
     GROUP BY state_id
 ) AS recorded
 WHERE call_index_counters.state_id = recorded.state_id
@@ -35,6 +36,7 @@ RETURNING call_index_counters.state_id, call_index_counters.next_index;
 -- Impossible while UNIQUE(state_id, call_index) stands; checked all the same.
 SELECT state_id, call_index, count(*) AS copies
 FROM calls
+WHERE state_id IS NOT NULL
 GROUP BY state_id, call_index
 HAVING count(*) > 1
 ORDER BY state_id, call_index;
@@ -56,6 +58,7 @@ FROM (
            lag(call_index, 1, -1) OVER (PARTITION BY state_id ORDER BY call_index)
                AS previous_index
     FROM calls
+    WHERE state_id IS NOT NULL
 ) AS ordered
 WHERE call_index > previous_index + 1
 ORDER BY state_id, first_missing;
@@ -71,6 +74,29 @@ LEFT JOIN (
 ) AS recorded ON recorded.state_id = counters.state_id
 WHERE counters.next_index > coalesce(recorded.max_index, -1) + 1
 ORDER BY counters.state_id;
+
+-- next_state_batch --
+-- The last of the next :batch states (in state_id order) after :after, and how
+-- many there are; read from the unique index on (state_id, call_index).
+SELECT max(state_id) AS last_state, count(*) AS states
+FROM (
+    SELECT DISTINCT state_id FROM calls
+    WHERE state_id > :after
+    ORDER BY state_id
+    LIMIT :batch
+) AS batch;
+
+-- backfill_counters --
+-- Counters for the states in (:after, :last], past their recorded calls. A
+-- counter that exists already was started by open_state or the numbering
+-- trigger, past the calls it could see, and moved with every insert since:
+-- it is left alone.
+INSERT INTO call_index_counters (state_id, next_index)
+SELECT state_id, max(call_index) + 1
+FROM calls
+WHERE state_id > :after AND state_id <= :last
+GROUP BY state_id
+ON CONFLICT (state_id) DO NOTHING;
 
 -- status_counts --
 SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;

@@ -42,7 +42,7 @@ INSERT INTO callindex_alembic_version (version_num) VALUES ('0001') RETURNING ve
 
 -- Running upgrade 0001 -> 0002
 
-CREATE INDEX ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS ix_calls_pending_created_at ON calls (created_at) WHERE status = 'pending';
 
 CREATE TRIGGER callindex_guard_calls_delete BEFORE DELETE ON calls
 BEGIN

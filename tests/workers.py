@@ -272,3 +272,41 @@ def upgrade_once(barrier: Barrier, results: Any, url: str) -> None:
         results.put(True)
     except Exception as error:
         results.put(f"{type(error).__name__}: {error}")
+
+
+def legacy_write_many(
+    barrier: Barrier, results: Any, url: str, states: list[str], calls: int, pause: float = 0.0
+) -> None:
+    """The upstream writer in a process of its own: ``calls`` inserts round-robin
+    over ``states``; report ``{"recorded": [call_id], "lost": n, "slowest": s}``."""
+    from legacy import LegacyWriter
+
+    try:
+        writer = LegacyWriter(url)
+        recorded, lost, slowest = [], 0, 0.0
+        barrier.wait()
+        for n in range(calls):
+            outcome = writer.record(states[n % len(states)])
+            if outcome is None:
+                lost += 1
+            else:
+                recorded.append(outcome[0])
+                slowest = max(slowest, outcome[1])
+            if pause:
+                time.sleep(pause)
+        writer.close()
+        results.put({"recorded": recorded, "lost": lost, "slowest": slowest})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def write_as(barrier: Barrier, results: Any, kind: str, *args: Any) -> None:
+    """One worker of a mixed run: ``kind`` is "legacy" (legacy_write_many) or
+    "callindex" (record_many); the result is tagged with it."""
+    target = legacy_write_many if kind == "legacy" else record_many
+
+    class Tag:
+        def put(self, value: Any) -> None:
+            results.put(value if isinstance(value, str) else {"kind": kind, **value})
+
+    target(barrier, Tag(), *args)

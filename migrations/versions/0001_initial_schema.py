@@ -1,5 +1,13 @@
 """Counters and calls tables, and the PostgreSQL allocation function.
 
+A database that has a ``calls`` table already (an audit database numbered by
+legacy in-process counters) is adopted instead: its table, rows, columns and
+indices are kept, and only the columns callindex writes that it lacks are
+added, all nullable, so nothing is rewritten and no legacy writer breaks.
+Counters start empty: the numbering trigger (0004) and ``open_state`` start
+a state's counter past its recorded calls, and ``callindex db adopt``
+backfills them all in batches (see callindex.adoption).
+
 Revision ID: 0001
 Revises:
 """
@@ -54,7 +62,46 @@ def _now() -> sa.TextClause:
     return sa.text("now()")
 
 
+# The columns callindex writes besides call_id, state_id and call_index, as an
+# adopted table gets them when it lacks them: nullable, without a default.
+ADOPTED_COLUMNS = (
+    ("call_type", sa.String(length=64)),
+    ("status", sa.String(length=16)),
+    ("request", _json),
+    ("request_hash", sa.String(length=64)),
+    ("response", _json),
+    ("response_hash", sa.String(length=64)),
+    ("error", _json),
+    ("error_hash", sa.String(length=64)),
+    ("latency_ms", sa.Float()),
+    ("created_at", sa.DateTime(timezone=True)),
+    ("completed_at", sa.DateTime(timezone=True)),
+)
+
+
+def adopting() -> bool:
+    """Whether this database has a calls table that callindex did not create."""
+    context = op.get_context()
+    if context.as_sql:
+        return False
+    inspector = sa.inspect(op.get_bind())
+    if not inspector.has_table("calls"):
+        return False
+    return not any(
+        key["referred_table"] == "call_index_counters"
+        for key in inspector.get_foreign_keys("calls")
+    )
+
+
+def _adopt_calls() -> None:
+    present = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("calls")}
+    for name, type_ in ADOPTED_COLUMNS:
+        if name not in present:
+            op.add_column("calls", sa.Column(name, type_, nullable=True))
+
+
 def upgrade() -> None:
+    adopted = adopting()
     op.create_table(
         "call_index_counters",
         sa.Column("state_id", sa.Text(), nullable=False),
@@ -70,6 +117,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("state_id", name=op.f("pk_call_index_counters")),
         postgresql_with={"fillfactor": 20},
     )
+    if adopted:
+        _adopt_calls()
+    else:
+        _create_calls()
+    if op.get_context().dialect.name == "postgresql":
+        op.execute(ALLOCATE_FUNCTION)
+
+
+def _create_calls() -> None:
     op.create_table(
         "calls",
         sa.Column("call_id", sa.Text(), nullable=False),
@@ -100,12 +156,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("call_id", name=op.f("pk_calls")),
         sa.UniqueConstraint("state_id", "call_index", name=op.f("uq_calls_state_id_call_index")),
     )
-    if op.get_context().dialect.name == "postgresql":
-        op.execute(ALLOCATE_FUNCTION)
 
 
 def downgrade() -> None:
+    """An adopted calls table stays, with the columns callindex added to it."""
     if op.get_context().dialect.name == "postgresql":
         op.execute("DROP FUNCTION callindex_allocate(text, integer)")
-    op.drop_table("calls")
+    if not adopting():
+        op.drop_table("calls")
     op.drop_table("call_index_counters")

@@ -159,6 +159,8 @@ def upgrade() -> None:
         "ix_calls_pending_created_at",
         "calls",
         ["created_at"],
+        # `callindex db adopt` builds it beforehand, CONCURRENTLY, on a large table.
+        if_not_exists=True,
         postgresql_where=sa.text("status = 'pending'"),
         sqlite_where=sa.text("status = 'pending'"),
     )

@@ -13,6 +13,7 @@ from callindex.clients import (
     Usage,
 )
 from callindex.errors import (
+    AdoptionError,
     CallAlreadyFinishedError,
     CallIdConflictError,
     CallIndexError,
@@ -40,6 +41,7 @@ from callindex.retry import DatabaseRetryPolicy, RetryPolicy
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "AdoptionError",
     "AsyncAuditedHTTPClient",
     "AsyncAuditedLLMClient",
     "AuditedHTTPClient",

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from callindex import audit, migrations
+from callindex import adoption, audit, migrations
 from callindex.database import DEFAULT_URL, URL_ENVIRONMENT_VARIABLE, Database
 from callindex.errors import CallIndexError
 from callindex.recorder import CallRecorder
@@ -101,6 +101,35 @@ def db_check(ctx: click.Context) -> None:
     """Exit non-zero unless the schema matches the installed library."""
     status = migrations.check(_database(ctx))
     click.echo(f"up to date at revision {status.current}")
+
+
+@db.command("adopt")
+@click.option(
+    "--batch-states",
+    default=adoption.DEFAULT_BATCH_STATES,
+    show_default=True,
+    help="States whose counters are backfilled per transaction.",
+)
+@click.option(
+    "--lock-timeout",
+    default=f"{adoption.DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
+    show_default=True,
+    help="PostgreSQL: longest wait for the brief table lock of the schema step (then retry).",
+)
+@click.pass_context
+def db_adopt(ctx: click.Context, batch_states: int, lock_timeout: str) -> None:
+    """Adopt an existing calls table: keep its rows and columns, add callindex's
+    schema, backfill a counter per state. Safe while writers run; resumable."""
+    report = adoption.adopt(
+        _database(ctx),
+        batch_states=batch_states,
+        lock_timeout_seconds=audit.parse_duration(lock_timeout),
+    )
+    click.echo(
+        f"adopted {report.calls:,} calls of {report.states:,} states: "
+        f"index {report.index_seconds:.2f}s, schema {report.schema_seconds:.2f}s, "
+        f"counters {report.backfill_seconds:.2f}s in {report.batches:,} batches"
+    )
 
 
 @cli.group()

@@ -425,7 +425,12 @@ class Database:
     def _translate_integrity(self, error: exc.IntegrityError, detail: str) -> CallIndexError:
         diagnostics = getattr(error.orig, "diag", None)
         constraint = getattr(diagnostics, "constraint_name", None) or ""
-        if constraint == "uq_calls_state_id_call_index" or "calls.call_index" in detail:
+        key = getattr(diagnostics, "message_detail", None) or ""
+        if (
+            constraint == "uq_calls_state_id_call_index"
+            or key.startswith("Key (state_id, call_index)=")  # an adopted table's own index
+            or "calls.call_index" in detail
+        ):
             return _counter_behind()
         if constraint == "pk_calls" or "calls.call_id" in detail:
             # The same call_id, recorded by a concurrent attempt that committed

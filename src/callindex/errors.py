@@ -19,7 +19,8 @@ Hierarchy::
     ├── ConfigurationError         bad database URL, unsupported backend
     ├── SchemaError
     │   ├── SchemaMissingError     the tables are not there: run `callindex db upgrade`
-    │   └── SchemaVersionError     the database is behind or ahead of this library
+    │   ├── SchemaVersionError     the database is behind or ahead of this library
+    │   └── AdoptionError          a calls table callindex cannot adopt as it is
     └── DatabaseError
         ├── DatabaseUnavailableError   server unreachable, connection lost, shutting down
         ├── ContentionError            lock or busy timeout, serialization failure, deadlock
@@ -99,6 +100,11 @@ class SchemaMissingError(SchemaError):
 
 class SchemaVersionError(SchemaError):
     """The database schema revision differs from the installed library's."""
+
+
+class AdoptionError(SchemaError):
+    """An existing ``calls`` table that ``callindex db adopt`` cannot take over
+    as it is; the message says what to change first."""
 
 
 class DatabaseError(CallIndexError):

@@ -70,10 +70,17 @@ def current_revision(db: Database) -> str | None:
     return db.read(read)
 
 
-def upgrade(db: Database, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (default: the newest)."""
+def upgrade(
+    db: Database, revision: str = "head", *, lock_timeout_seconds: float | None = None
+) -> None:
+    """Bring the schema to ``revision`` (default: the newest).
+
+    ``lock_timeout_seconds`` (PostgreSQL) bounds each wait for a table lock: a
+    migration that cannot get one fails (and is retried by the retry policy)
+    instead of queueing every writer behind a long transaction.
+    """
     db.prepare_file()
-    _run(db, "upgrade", revision)
+    _run(db, "upgrade", revision, lock_timeout_seconds)
 
 
 def downgrade(db: Database, revision: str, *, force: bool = False) -> None:
@@ -102,11 +109,19 @@ def _recorded_calls(db: Database) -> int:
     return db.read(count)
 
 
-def _run(db: Database, direction: Literal["upgrade", "downgrade"], revision: str) -> None:
+def _run(
+    db: Database,
+    direction: Literal["upgrade", "downgrade"],
+    revision: str,
+    lock_timeout_seconds: float | None = None,
+) -> None:
     def migrate(statements: Statements) -> None:
         conn = statements.connection
         if db.backend == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
+            if lock_timeout_seconds is not None:
+                milliseconds = max(1, round(lock_timeout_seconds * 1000))
+                conn.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
         config = alembic_config(connection=conn)
         try:
             getattr(command, direction)(config, revision)

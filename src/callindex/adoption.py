@@ -1,0 +1,203 @@
+"""Adopting an audit database whose ``calls`` table callindex did not create.
+
+``adopt`` takes a legacy audit database (calls numbered by in-process
+counters, no counter table) to callindex's schema while its writers keep
+writing:
+
+1. **check** the table: ``call_id`` unique, a unique index on
+   ``(state_id, call_index)``, and no NOT NULL column callindex would leave
+   empty; anything else is refused with :class:`AdoptionError` before a
+   single statement is written;
+2. on PostgreSQL, build the pending-calls index ``CONCURRENTLY`` (no lock on
+   writers);
+3. run the migrations (0001 adopts the table: only missing columns are
+   added, nullable, so nothing is rewritten), under a short ``lock_timeout``
+   so the brief exclusive lock never queues behind a long transaction: from
+   here on the numbering trigger makes the counter the source of truth for
+   every writer, and starts any missing counter past its state's calls;
+4. backfill ``next_index = max(call_index) + 1`` for every state, a batch of
+   states per transaction. A writer waits at most for one batch, and only
+   on a state of that batch.
+
+Every step is idempotent: an interrupted adoption is resumed by running it
+again.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import inspect, text
+
+from callindex import migrations
+from callindex.database import Database, Statements, sqlite_file
+from callindex.errors import AdoptionError, InvalidInputError
+
+DEFAULT_BATCH_STATES: Final = 1_000
+DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
+# The columns callindex always fills when it records a call.
+_ALWAYS_WRITTEN: Final = frozenset(
+    {"call_id", "state_id", "call_index", "call_type", "status", "created_at"}
+)
+_PENDING_INDEX: Final = "ix_calls_pending_created_at"
+
+
+@dataclass(frozen=True)
+class AdoptionReport:
+    calls: int
+    states: int
+    batches: int
+    index_seconds: float
+    schema_seconds: float
+    backfill_seconds: float
+
+
+def check(db: Database) -> None:
+    """Raise :class:`AdoptionError` unless ``calls`` can be adopted as it is."""
+
+    def inspect_table(statements: Statements) -> None:
+        inspector = inspect(statements.connection)
+        if not inspector.has_table("calls"):
+            raise AdoptionError(
+                f"{db.display_url} has no calls table to adopt: "
+                "run `callindex db upgrade` to create callindex's schema"
+            )
+        if any(
+            key["referred_table"] == "call_index_counters"
+            for key in inspector.get_foreign_keys("calls")
+        ):
+            raise AdoptionError(
+                f"the calls table of {db.display_url} was created by callindex: "
+                "there is nothing to adopt (`callindex db upgrade` keeps it current)"
+            )
+        columns = {column["name"]: column for column in inspector.get_columns("calls")}
+        missing = [name for name in ("call_id", "state_id", "call_index") if name not in columns]
+        if missing:
+            raise AdoptionError(f"calls has no {', '.join(missing)} column: it cannot be adopted")
+        unique_sets = [tuple(inspector.get_pk_constraint("calls")["constrained_columns"])]
+        unique_sets += [
+            tuple(str(name) for name in index["column_names"])
+            for index in inspector.get_indexes("calls")
+            if index["unique"]
+        ]
+        unique_sets += [
+            tuple(constraint["column_names"])
+            for constraint in inspector.get_unique_constraints("calls")
+        ]
+        if ("call_id",) not in unique_sets:
+            raise AdoptionError(
+                "calls.call_id is not unique; make it the primary key or add "
+                "CREATE UNIQUE INDEX ON calls (call_id) before adopting"
+            )
+        if ("state_id", "call_index") not in unique_sets:
+            raise AdoptionError(
+                "calls has no unique index on (state_id, call_index); add "
+                "CREATE UNIQUE INDEX CONCURRENTLY ON calls (state_id, call_index) "
+                "WHERE state_id IS NOT NULL (it fails, naming them, if duplicates exist)"
+            )
+        blocking = sorted(
+            name
+            for name, column in columns.items()
+            if not column["nullable"]
+            and column.get("default") is None
+            and column.get("autoincrement") is not True
+            and name not in _ALWAYS_WRITTEN
+        )
+        if blocking:
+            raise AdoptionError(
+                f"calls.{', calls.'.join(blocking)} is NOT NULL without a default, and "
+                "callindex may record calls without a value for it: give it a default "
+                "or drop NOT NULL before adopting"
+            )
+
+    db.read(inspect_table)
+
+
+def adopt(
+    db: Database,
+    *,
+    batch_states: int = DEFAULT_BATCH_STATES,
+    lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+) -> AdoptionReport:
+    """Adopt the database's ``calls`` table (see the module documentation)."""
+    if isinstance(batch_states, bool) or not isinstance(batch_states, int) or batch_states < 1:
+        raise InvalidInputError(f"batch_states must be a positive integer, not {batch_states!r}")
+    if db.backend == "sqlite" and not sqlite_file(db.engine.url).exists():
+        raise AdoptionError(f"{db.display_url} does not exist: there is nothing to adopt")
+    if migrations.current_revision(db) is None:
+        check(db)
+    started = time.monotonic()
+    _build_pending_index(db)
+    indexed = time.monotonic()
+    migrations.upgrade(db, lock_timeout_seconds=lock_timeout_seconds)
+    migrated = time.monotonic()
+    states, batches = backfill_counters(db, batch_states)
+    backfilled = time.monotonic()
+    calls = db.read(
+        lambda statements: int(
+            statements.connection.execute(text("SELECT count(*) FROM calls")).scalar_one()
+        )
+    )
+    return AdoptionReport(
+        calls=calls,
+        states=states,
+        batches=batches,
+        index_seconds=indexed - started,
+        schema_seconds=migrated - indexed,
+        backfill_seconds=backfilled - migrated,
+    )
+
+
+def _build_pending_index(db: Database) -> None:
+    """PostgreSQL: the partial index of pending calls, built without blocking
+    writers (0002 then finds it). A build interrupted earlier leaves an invalid
+    index behind; it is dropped and built again."""
+    if db.backend != "postgresql":
+        return
+    with db.translated_errors(), db.engine.connect() as conn:
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        valid = auto.execute(
+            text(
+                "SELECT index.indisvalid FROM pg_index AS index "
+                "JOIN pg_class AS class ON class.oid = index.indexrelid "
+                "WHERE class.relname = :name "
+                "AND class.relnamespace = current_schema()::regnamespace"
+            ),
+            {"name": _PENDING_INDEX},
+        ).scalar()
+        if valid is False:
+            auto.execute(text(f"DROP INDEX CONCURRENTLY {_PENDING_INDEX}"))
+        auto.execute(
+            text(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_PENDING_INDEX} "
+                "ON calls (created_at) WHERE status = 'pending'"
+            )
+        )
+
+
+def backfill_counters(db: Database, batch_states: int = DEFAULT_BATCH_STATES) -> tuple[int, int]:
+    """Create the missing counters, ``batch_states`` states per transaction, in
+    ``state_id`` order; returns (states seen, batches)."""
+    after = ""
+    states = batches = 0
+    while True:
+        found = db.read(functools.partial(_next_batch, after=after, batch_states=batch_states))
+        if found is None:
+            return states, batches
+        last, count = found
+        db.run(functools.partial(_backfill, after=after, last=last))
+        states += count
+        batches += 1
+        after = last
+
+
+def _next_batch(statements: Statements, after: str, batch_states: int) -> tuple[str, int] | None:
+    row = statements.rows("next_state_batch", {"after": after, "batch": batch_states})[0]
+    return (row["last_state"], int(row["states"])) if row["states"] else None
+
+
+def _backfill(statements: Statements, after: str, last: str) -> None:
+    statements.rows("backfill_counters", {"after": after, "last": last})
