@@ -168,6 +168,10 @@ UPDATE callindex_alembic_version SET version_num='0003' WHERE callindex_alembic_
 
 -- Running upgrade 0003 -> 0004
 
+ALTER TABLE calls ADD COLUMN recorded_by TEXT;
+
+ALTER TABLE calls ALTER COLUMN recorded_by SET DEFAULT session_user;
+
 DROP FUNCTION callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text, double precision);
 
 DROP FUNCTION callindex_allocate(text, integer);
@@ -323,7 +327,14 @@ BEGIN
         error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
         completed_at = now()
     WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
     RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'insufficient_privilege';
+    END IF;
 END;
 $$;
 

@@ -95,6 +95,8 @@ UPDATE callindex_alembic_version SET version_num='0003' WHERE callindex_alembic_
 
 -- Running upgrade 0003 -> 0004
 
+ALTER TABLE calls ADD COLUMN recorded_by TEXT;
+
 DROP TRIGGER callindex_guard_calls_replace_index;
 
 CREATE TRIGGER callindex_number_call_missing BEFORE INSERT ON calls
@@ -105,7 +107,7 @@ BEGIN
            (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, recorded_by, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, NEW.recorded_by, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
     SELECT RAISE(IGNORE);
 END;
 
@@ -118,7 +120,7 @@ BEGIN
            (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, recorded_by, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, NEW.recorded_by, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
     SELECT RAISE(IGNORE);
 END;
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from legacy import create_legacy_database, legacy_snapshot
 from sqlalchemy import create_engine, inspect, text
 
 from callindex import AdoptionError, CallRecorder, adoption, migrations
@@ -16,6 +15,7 @@ from callindex.cli import cli
 from callindex.database import Database
 
 from conftest import call_rows, counter_value
+from legacy import create_legacy_database, legacy_snapshot
 from workers import legacy_write_many, run_workers
 
 STATES, PER_STATE = 5, 20

@@ -5,13 +5,13 @@ into calls, callindex's or not. Both backends."""
 from __future__ import annotations
 
 import pytest
-from legacy import create_legacy_database
 from sqlalchemy import text
 
 from callindex import CallRecorder, adoption
 from callindex.database import Database
 
 from conftest import call_rows, counter_value
+from legacy import create_legacy_database
 from workers import run_workers, write_as
 
 

@@ -18,6 +18,9 @@ PostgreSQL: allocation, opening a state, recording and finishing become
 ``SECURITY DEFINER`` functions with a fixed ``search_path``, and EXECUTE on
 them is revoked from PUBLIC, so a least-privilege role (``sql/postgresql-roles.sql``)
 can use the library without any right to UPDATE a call or a counter.
+``calls.recorded_by`` (PostgreSQL: the login role, ``session_user``, by
+default) lets ``callindex_finish_call`` finish a pending call only for the
+role that recorded it.
 
 Revision ID: 0004
 Revises: 0003
@@ -198,7 +201,14 @@ BEGIN
         error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
         completed_at = now()
     WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
     RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'insufficient_privilege';
+    END IF;
 END;
 $$
 """
@@ -237,7 +247,7 @@ $$
 CALL_COLUMNS = (
     "call_id", "state_id", "call_index", "call_type", "status", "request", "request_hash",
     "response", "response_hash", "error", "error_hash", "latency_ms", "created_at",
-    "completed_at",
+    "completed_at", "recorded_by",
 )  # fmt: skip
 
 _SQLITE_OPEN_COUNTER = """
@@ -306,11 +316,14 @@ def _sqlite_columns() -> tuple[str, ...]:
 
 
 def upgrade() -> None:
+    op.add_column("calls", sa.Column("recorded_by", sa.Text(), nullable=True))
     if op.get_context().dialect.name != "postgresql":
         op.execute(_earlier("0002").SQLITE_DOWN[2])  # type: ignore[attr-defined]
         for statement in sqlite_triggers(_sqlite_columns()):
             op.execute(statement)
         return
+    # Set apart from ADD COLUMN: rows recorded before keep NULL (no recorder known).
+    op.alter_column("calls", "recorded_by", server_default=sa.text("session_user"))
     op.execute(f"DROP FUNCTION {RECORD_CALL_SIGNATURE}")
     op.execute("DROP FUNCTION callindex_allocate(text, integer)")
     for statement in (NUMBER_CALL, RESERVE, ALLOCATE, OPEN_STATE, RECORD_CALL, FINISH_CALL):
@@ -328,9 +341,11 @@ def downgrade() -> None:
             op.execute(statement)
         # 0002's guard: a taken index was refused, not renumbered.
         op.execute(_earlier("0002").SQLITE[3])  # type: ignore[attr-defined]
+        op.drop_column("calls", "recorded_by")
         return
     op.execute("DROP TRIGGER callindex_number_call ON calls")
     for signature in reversed(DEFINERS):
         op.execute(f"DROP FUNCTION {signature}")
     op.execute(_earlier("0001").ALLOCATE_FUNCTION)  # type: ignore[attr-defined]
     op.execute(_earlier("0003").RECORD_CALL)  # type: ignore[attr-defined]
+    op.drop_column("calls", "recorded_by")

@@ -103,6 +103,9 @@ calls = Table(
     Column("latency_ms", Float, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
     Column("completed_at", DateTime(timezone=True), nullable=True),
+    # PostgreSQL: the login role that recorded the call (session_user); only
+    # it may finish the call through callindex_finish_call.
+    Column("recorded_by", Text, nullable=True),
     UniqueConstraint("state_id", "call_index"),
     CheckConstraint("call_index >= 0", name="call_index_non_negative"),
     CheckConstraint(

@@ -2,7 +2,7 @@
 and the legacy writer: indices from an in-process counter seeded once from
 ``SELECT max(call_index)``, as the upstream fix did.
 
-Shared by the tests and by ``bench/adoption.py``.
+Shared by ``bench/adoption.py`` and the tests.
 """
 
 from __future__ import annotations

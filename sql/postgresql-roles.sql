@@ -1,0 +1,56 @@
+-- Least-privilege roles for callindex on PostgreSQL.
+--
+-- Run it as the role that owns callindex's tables (the one that ran
+-- `callindex db upgrade`), in the database, after the upgrade:
+--
+--     psql -v ON_ERROR_STOP=1 -d DATABASE -f sql/postgresql-roles.sql
+--
+-- It is idempotent: run it again after every upgrade. It creates two NOLOGIN
+-- group roles; grant them to the roles your workers and auditors log in as:
+--
+--     CREATE ROLE pipeline_worker LOGIN PASSWORD '...' IN ROLE callindex_app;
+--     CREATE ROLE audit_reader LOGIN PASSWORD '...' IN ROLE callindex_auditor;
+--
+-- callindex_app, the pipelines' role, may
+--   * SELECT and INSERT calls (an insert is numbered by the counter, whatever
+--     call_index it brings: see migration 0004), and read the counters;
+--   * open states, allocate indices, record calls and finish its own pending
+--     calls only through callindex's SECURITY DEFINER functions
+--     (callindex_open_state, callindex_allocate / callindex_reserve,
+--     callindex_record_call, callindex_finish_call), each pinned to this
+--     schema's search_path. A pending call is finished only by the login
+--     role that recorded it (calls.recorded_by).
+-- It may not UPDATE, DELETE or TRUNCATE calls, nor write a counter directly.
+-- Sweeping, repairing and migrating stay with the owner.
+--
+-- callindex_auditor may read calls, counters and the schema revision, and
+-- run `callindex verify`; nothing else.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'callindex_app') THEN
+        CREATE ROLE callindex_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'callindex_auditor') THEN
+        CREATE ROLE callindex_auditor NOLOGIN;
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO callindex_app, callindex_auditor',
+                   current_schema());
+END;
+$$;
+
+REVOKE ALL ON calls, call_index_counters, callindex_alembic_version
+    FROM callindex_app, callindex_auditor;
+
+GRANT SELECT, INSERT ON calls TO callindex_app;
+GRANT SELECT ON call_index_counters, callindex_alembic_version TO callindex_app;
+GRANT EXECUTE ON FUNCTION
+    callindex_open_state(text),
+    callindex_reserve(text, integer),
+    callindex_allocate(text, integer),
+    callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text,
+                          double precision),
+    callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision)
+    TO callindex_app;
+
+GRANT SELECT ON calls, call_index_counters, callindex_alembic_version TO callindex_auditor;

@@ -1,0 +1,151 @@
+"""sql/postgresql-roles.sql: the application role writes only through
+callindex's functions and INSERT; the auditor only reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, create_engine, exc, make_url, text
+
+from callindex import CallRecorder, DatabaseError, ImmutableCallError
+from callindex.resources import resource_dir
+
+LOGINS = {
+    "callindex_test_app": "callindex_app",
+    "callindex_test_app_other": "callindex_app",
+    "callindex_test_auditor": "callindex_auditor",
+}
+
+
+def as_role(url: str, role: str) -> str:
+    return make_url(url).set(username=role).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def roles(postgresql_url: str, pg_admin: Engine) -> Iterator[str]:
+    """The roles script run by the owner, and a login role for each group."""
+    script = (resource_dir("sql") / "postgresql-roles.sql").read_text(encoding="utf-8")
+    dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(script.encode())  # idempotent: run twice
+        conn.execute(script.encode())
+    with pg_admin.connect() as conn:
+        for login, group in LOGINS.items():
+            conn.execute(text(f"DROP ROLE IF EXISTS {login}"))
+            conn.execute(text(f"CREATE ROLE {login} LOGIN IN ROLE {group}"))
+    with CallRecorder(postgresql_url) as owner:
+        owner.open_state("s")
+    yield postgresql_url
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+    with pg_admin.connect() as conn:
+        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+
+
+def refused(url: str, role: str, statement: str) -> None:
+    engine = create_engine(as_role(url, role))
+    try:
+        with pytest.raises(exc.DBAPIError, match="permission denied"), engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+class TestTheApplicationRole:
+    def test_uses_the_whole_library_write_path(self, roles: str) -> None:
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            app.open_state("t")
+            assert app.allocate_call_index("t", 3) == 0
+            assert app.allocate_call_indices({"s": 1, "t": 1}) == {"s": 0, "t": 3}
+            done = app.record_call("s", "http", "success", {"q": 1}, response={"a": 1})
+            begun = app.begin_call("s", "llm", {"q": 2})
+            finished = app.finish_call(begun.call_id, "error", error={"e": 1})
+            assert (done.call_index, finished.call_index, finished.status) == (1, 2, "error")
+            assert [c.call_index for c in app.calls("s")] == [1, 2]
+            assert app.verify().ok
+
+    def test_a_plain_insert_is_numbered_by_the_counter(self, roles: str) -> None:
+        engine = create_engine(as_role(roles, "callindex_test_app"))
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_type, status) "
+                    "VALUES ('plain', 's', 'http', 'success')"
+                )
+            )
+            row = conn.execute(
+                text("SELECT call_index, recorded_by FROM calls WHERE call_id = 'plain'")
+            ).one()
+        engine.dispose()
+        assert tuple(row) == (0, "callindex_test_app")
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "UPDATE calls SET status = 'error' WHERE call_id = 'finished'",
+            "UPDATE calls SET status = 'success', completed_at = now() WHERE call_id = 'open'",
+            "DELETE FROM calls WHERE call_id = 'finished'",
+            "TRUNCATE calls",
+            "UPDATE call_index_counters SET next_index = next_index + 5 WHERE state_id = 's'",
+            "INSERT INTO call_index_counters (state_id, next_index) VALUES ('x', 10)",
+            "DELETE FROM call_index_counters WHERE state_id = 's'",
+            "UPDATE callindex_alembic_version SET version_num = '0001'",
+        ],
+    )
+    def test_cannot_change_what_is_recorded(self, roles: str, statement: str) -> None:
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            app.record_call("s", "http", "success", {}, call_id="finished")
+            app.begin_call("s", "http", {}, call_id="open")
+        refused(roles, "callindex_test_app", statement)
+        with CallRecorder(roles) as owner:
+            calls = {c.call_id: (c.call_index, c.status) for c in owner.calls("s")}
+        assert calls == {"finished": (0, "success"), "open": (1, "pending")}
+
+    def test_finishes_only_its_own_pending_calls(self, roles: str) -> None:
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            begun = app.begin_call("s", "http", {})
+        with (
+            CallRecorder(as_role(roles, "callindex_test_app_other")) as other,
+            pytest.raises(ImmutableCallError, match="recorded by another role"),
+        ):
+            other.finish_call(begun.call_id, "success")
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            assert app.finish_call(begun.call_id, "success").status == "success"
+
+    def test_cannot_sweep_or_repair(self, roles: str) -> None:
+        with (
+            CallRecorder(as_role(roles, "callindex_test_app")) as app,
+            pytest.raises(DatabaseError, match="permission denied"),
+        ):
+            app.sweep(0)
+
+
+class TestTheAuditorRole:
+    def test_reads_and_verifies(self, roles: str) -> None:
+        with CallRecorder(roles) as owner:
+            owner.record_call("s", "http", "success", {})
+        with CallRecorder(as_role(roles, "callindex_test_auditor")) as auditor:
+            assert [c.call_index for c in auditor.calls("s")] == [0]
+            assert auditor.verify().ok
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "INSERT INTO calls (call_id, state_id, call_type, status) "
+            "VALUES ('x', 's', 'http', 'success')",
+            "SELECT callindex_allocate('s')",
+            "SELECT callindex_reserve('s', 1)",
+            "SELECT callindex_open_state('y')",
+            "SELECT * FROM callindex_record_call('x', 's', 'http', 'success', NULL, NULL, NULL, "
+            "NULL, NULL, NULL, NULL)",
+            "UPDATE call_index_counters SET next_index = 9",
+        ],
+    )
+    def test_writes_nothing(self, roles: str, statement: str) -> None:
+        refused(roles, "callindex_test_auditor", statement)
+        with CallRecorder(roles) as owner:
+            assert owner.calls("s") == [] and owner.allocate_call_index("s") == 0
