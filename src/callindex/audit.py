@@ -15,7 +15,8 @@ _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 GAP_CAUSE: Final = (
-    "reserved by allocate_call_index (or a count block) and never used for a call row; "
+    "reserved by allocate_call_index (or a count block) and never used for a call row, "
+    "or skipped by a writer that inserted a call_index ahead of the counter; "
     "record_call and begin_call never leave gaps"
 )
 
