@@ -12,8 +12,11 @@
 --     CREATE ROLE audit_reader LOGIN PASSWORD '...' IN ROLE callindex_auditor;
 --
 -- callindex_app, the pipelines' role, may
---   * SELECT and INSERT calls (an insert is numbered by the counter, whatever
---     call_index it brings: see migration 0004), and read the counters;
+--   * SELECT and INSERT calls, and read the counters. Every insert goes
+--     through the numbering trigger (migration 0004): without a call_index it
+--     gets the counter's next; an index already recorded is renumbered; one
+--     ahead of the counter moves it (at most 1,000,000 ahead); recorded_by is
+--     set to the login role, whatever the insert says;
 --   * open states, allocate indices, record calls and finish its own pending
 --     calls only through callindex's SECURITY DEFINER functions
 --     (callindex_open_state, callindex_allocate / callindex_reserve,
@@ -36,6 +39,11 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO callindex_app, callindex_auditor',
                    current_schema());
+    -- The SECURITY DEFINER functions resolve names in this schema (after
+    -- pg_catalog): nobody but its owner may create objects in it, or an
+    -- operator or function planted there would run with the owner's rights.
+    -- (PostgreSQL 15 made this the default for public; older clusters did not.)
+    EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM PUBLIC', current_schema());
 END;
 $$;
 

@@ -183,6 +183,7 @@ AS $$
 DECLARE
     next bigint;
 BEGIN
+    NEW.recorded_by := session_user;  -- whatever the insert said
     IF NEW.state_id IS NULL THEN
         RETURN NEW;  -- an adopted table may hold calls of no state; not numbered here
     END IF;
@@ -194,17 +195,27 @@ BEGIN
             RETURN NEW;
         END IF;
     END IF;
-    -- Hold the counter until this insert commits: every writer of the state
-    -- queues here, so the checks below see every call committed before.
-    SELECT next_index INTO next FROM call_index_counters
-    WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+    -- Take the counter until this insert commits: every writer of the state
+    -- queues here, so the checks below see every call committed before. It is
+    -- written, not only locked, so that a REPEATABLE READ or SERIALIZABLE
+    -- writer whose snapshot misses the state's last insert gets a
+    -- serialization failure (to retry) instead of a unique violation.
+    UPDATE call_index_counters SET next_index = next_index
+    WHERE state_id = NEW.state_id
+    RETURNING next_index INTO next;
     IF NOT FOUND THEN
         INSERT INTO call_index_counters (state_id, next_index)
         SELECT NEW.state_id, coalesce(max(call_index) + 1, 0)
         FROM calls WHERE state_id = NEW.state_id
         ON CONFLICT (state_id) DO NOTHING;
-        SELECT next_index INTO next FROM call_index_counters
-        WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+        UPDATE call_index_counters SET next_index = next_index
+        WHERE state_id = NEW.state_id
+        RETURNING next_index INTO next;
+    END IF;
+    IF NEW.call_index > next + 1000000 THEN
+        RAISE EXCEPTION 'callindex: call_index % is more than 1000000 ahead of the '
+            'counter of state % (%)', NEW.call_index, NEW.state_id, next
+            USING ERRCODE = 'numeric_value_out_of_range';
     END IF;
     IF NEW.call_index IS NULL
        OR (NEW.call_index < next AND EXISTS (

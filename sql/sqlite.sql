@@ -131,6 +131,9 @@ BEGIN
     SELECT NEW.state_id,
            (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
+    SELECT RAISE(ABORT, 'callindex: call_index is more than 1000000 ahead of its counter')
+    WHERE NEW.call_index > 1000000 + (
+        SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = NEW.call_index + 1
     WHERE state_id = NEW.state_id AND next_index <= NEW.call_index;
 END;

@@ -16,7 +16,7 @@ from callindex.database import Database
 
 from conftest import call_rows, counter_value
 from legacy import create_legacy_database, legacy_snapshot
-from workers import legacy_write_many, run_workers
+from workers import legacy_write_many, run_workers, write_as
 
 STATES, PER_STATE = 5, 20
 
@@ -88,6 +88,66 @@ class TestAdoptingALegacyDatabase:
         assert result.output.startswith(f"adopted {STATES * PER_STATE + 2} calls of 5 states")
 
 
+def test_sqlite_renumbering_leaves_an_integer_primary_key_to_sqlite(sqlite_empty_url: str) -> None:
+    """An adopted SQLite table whose key is a rowid alias: a renumbered call is
+    inserted again without it, so SQLite gives it a fresh one."""
+    engine = create_engine(sqlite_empty_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE calls (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "call_id VARCHAR(64) NOT NULL UNIQUE, state_id VARCHAR(64), "
+                "call_index INTEGER NOT NULL, call_type VARCHAR(32), status VARCHAR(32), "
+                "created_at TIMESTAMP, UNIQUE (state_id, call_index))"
+            )
+        )
+        conn.execute(text("INSERT INTO calls (call_id, state_id, call_index) VALUES ('a', 's', 0)"))
+    engine.dispose()
+    adoption.adopt(Database(sqlite_empty_url))
+    with create_engine(sqlite_empty_url).begin() as conn:
+        for call_id in ("b", "c"):  # both stale: index 0 is taken
+            conn.execute(
+                text("INSERT INTO calls (call_id, state_id, call_index) VALUES (:id, 's', 0)"),
+                {"id": call_id},
+            )
+        rows = conn.execute(text("SELECT id, call_id, call_index FROM calls ORDER BY id")).all()
+    assert [tuple(row) for row in rows] == [(1, "a", 0), (2, "b", 1), (3, "c", 2)]
+
+
+@pytest.mark.slow
+def test_the_backfill_races_writers_of_the_same_states(empty_db_url: str) -> None:
+    """After the schema step, the backfill (a state per transaction) runs while
+    upstream writers and callindex writers (which open their states) work the
+    same states: whoever creates a state's counter, none disagrees with the
+    calls, nothing is lost, nothing is numbered twice."""
+    create_legacy_database(empty_db_url, states=300, calls_per_state=5)
+    migrations.upgrade(Database(empty_db_url))
+    states = [f"state-{n}" for n in range(0, 300, 10)]
+    outcomes = run_workers(
+        write_as,
+        [("backfill", empty_db_url, 0.05)]
+        + [("legacy", empty_db_url, states, 90, 0.002)] * 2
+        + [
+            ("callindex", empty_db_url, f"new-{n}", states, 90, None, 0.002, True) for n in range(2)
+        ],
+    )
+    backfill = next(o for o in outcomes if o["kind"] == "backfill")
+    assert backfill["batches"] == 300
+    assert [o["lost"] for o in outcomes if o["kind"] == "legacy"] == [0, 0]
+    rows = call_rows(empty_db_url)
+    pairs = [(row[1], row[2]) for row in rows if row[1] is not None]
+    assert len(pairs) == len(set(pairs)) == 300 * 5 + 4 * 90
+    by_id = {row[0]: (row[1], row[2]) for row in rows}
+    for outcome in outcomes:
+        if outcome["kind"] == "callindex":
+            for call_id, (state_id, index) in outcome["acknowledged"].items():
+                assert by_id[call_id] == (state_id, index)
+    with CallRecorder(empty_db_url) as recorder:
+        assert recorder.verify().ok
+    for state in states:
+        assert counter_value(empty_db_url, state) == max(r[2] for r in rows if r[1] == state) + 1
+
+
 class TestWhatCannotBeAdopted:
     def assert_nothing_written(self, url: str, before: set[str]) -> None:
         assert tables(url) == before
@@ -122,6 +182,36 @@ class TestWhatCannotBeAdopted:
             AdoptionError, match=r"calls\.request_hash is NOT NULL without a default"
         ):
             adoption.adopt(Database(empty_db_url))
+        self.assert_nothing_written(empty_db_url, {"calls"})
+
+    @pytest.mark.parametrize(
+        ("definition", "refusal"),
+        [
+            (
+                "call_id VARCHAR(64) PRIMARY KEY, state_id BIGINT, call_index INTEGER NOT NULL, "
+                "UNIQUE (state_id, call_index)",
+                "calls.state_id is BIGINT, not text",
+            ),
+            (
+                "call_id VARCHAR(64) PRIMARY KEY, state_id VARCHAR(64), call_index INTEGER, "
+                "status VARCHAR(16) CONSTRAINT legacy_status CHECK (status IN ('ok', 'failed')), "
+                "UNIQUE (state_id, call_index)",
+                "CHECK constraint legacy_status",
+            ),
+        ],
+    )
+    def test_columns_callindex_cannot_write_into(
+        self, empty_db_url: str, definition: str, refusal: str
+    ) -> None:
+        engine = create_engine(empty_db_url)
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE TABLE calls ({definition})"))
+        engine.dispose()
+        with pytest.raises(AdoptionError, match=refusal):
+            adoption.adopt(Database(empty_db_url))
+        # The migrations refuse it the same way, and roll back whole.
+        with pytest.raises(AdoptionError, match=refusal):
+            migrations.upgrade(Database(empty_db_url))
         self.assert_nothing_written(empty_db_url, {"calls"})
 
     def test_a_database_callindex_created(self, db_url: str) -> None:

@@ -5,7 +5,7 @@ into calls, callindex's or not. Both backends."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, exc, text
 
 from callindex import CallRecorder, adoption
 from callindex.database import Database
@@ -94,6 +94,50 @@ class TestTheTrigger:
         insert(db_url, "before", "s", 9)
         recorder.open_state("s")
         assert recorder.record_call("s", "http", "success", {}).call_index == 10
+
+    def test_an_index_far_ahead_of_the_counter_is_refused(
+        self, recorder: CallRecorder, db_url: str
+    ) -> None:
+        recorder.open_state("s")
+        with pytest.raises(exc.DBAPIError, match="more than 1000000 ahead"):
+            insert(db_url, "far", "s", 1_000_001)
+        insert(db_url, "near", "s", 1_000_000)
+        assert counter_value(db_url, "s") == 1_000_001
+
+
+def test_postgresql_repeatable_read_writer_is_told_to_retry_not_refused(
+    postgresql_url: str,
+) -> None:
+    """A REPEATABLE READ writer whose snapshot misses the state's last insert
+    gets a serialization failure (retry), never a unique violation (a lost call)."""
+    with CallRecorder(postgresql_url) as recorder:
+        recorder.open_state("s")
+        recorder.allocate_call_index("s", 5)  # 0..4 reserved, free below the counter
+    engine = create_engine(postgresql_url, isolation_level="REPEATABLE READ")
+    try:
+        with engine.connect() as stale:
+            stale.execute(text("SELECT count(*) FROM calls"))  # its snapshot starts here
+            insert(postgresql_url, "first", "s", 3)
+            with pytest.raises(exc.OperationalError) as raised:
+                stale.execute(
+                    text(
+                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                        "VALUES ('second', 's', 3, 'http', 'success')"
+                    )
+                )
+            assert raised.value.orig.sqlstate == "40001"  # type: ignore[union-attr]
+            stale.rollback()
+            stale.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                    "VALUES ('second', 's', 3, 'http', 'success')"
+                )
+            )
+            stale.commit()
+    finally:
+        engine.dispose()
+    assert index_of(postgresql_url, "first") == 3
+    assert index_of(postgresql_url, "second") == 5
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

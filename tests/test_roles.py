@@ -149,3 +149,32 @@ class TestTheAuditorRole:
         refused(roles, "callindex_test_auditor", statement)
         with CallRecorder(roles) as owner:
             assert owner.calls("s") == [] and owner.allocate_call_index("s") == 0
+
+
+class TestWhatAnInsertCannotForge:
+    def insert(self, url: str, values: str) -> None:
+        engine = create_engine(as_role(url, "callindex_test_app"))
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
+                        f"recorded_by) VALUES {values}"
+                    )
+                )
+        finally:
+            engine.dispose()
+
+    def test_recorded_by_is_the_login_role(self, roles: str) -> None:
+        self.insert(roles, "('forged', 's', NULL, 'http', 'pending', 'callindex_test_app_other')")
+        with (
+            CallRecorder(as_role(roles, "callindex_test_app_other")) as other,
+            pytest.raises(ImmutableCallError, match="recorded by another role"),
+        ):
+            other.finish_call("forged", "success")
+
+    def test_a_counter_cannot_be_pushed_out_of_reach(self, roles: str) -> None:
+        with pytest.raises(exc.DBAPIError, match="more than 1000000 ahead"):
+            self.insert(roles, "('far', 's', 9223372036854775806, 'http', 'success', NULL)")
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            assert app.allocate_call_index("s") == 0

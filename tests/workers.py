@@ -113,10 +113,12 @@ def record_many(
     calls: int,
     policy: DatabaseRetryPolicy | None = None,
     pause: float = 0.0,
+    open_states: bool = False,
 ) -> None:
-    """Record ``calls`` calls round-robin over ``states``, alternating one-shot
-    and two-phase calls; report ``{"acknowledged": {call_id: [state, index]},
-    "retries": n}``. Only calls whose write returned are acknowledged."""
+    """Record ``calls`` calls round-robin over ``states`` (opening each first
+    when ``open_states``), alternating one-shot and two-phase calls; report
+    ``{"acknowledged": {call_id: [state, index]}, "retries": n}``. Only calls
+    whose write returned are acknowledged."""
     try:
         retries = count_retries()
         acknowledged: dict[str, tuple[str, int]] = {}
@@ -124,6 +126,8 @@ def record_many(
             barrier.wait()
             for n in range(calls):
                 state_id = states[n % len(states)]
+                if open_states and n < len(states):
+                    recorder.open_state(state_id)
                 call_id = f"{worker}-{n}"
                 if n % 2:
                     begun = recorder.begin_call(state_id, "llm", {"n": n}, call_id=call_id)
@@ -300,10 +304,29 @@ def legacy_write_many(
         results.put(f"{type(error).__name__}: {error}")
 
 
+def backfill_after_barrier(barrier: Barrier, results: Any, url: str, delay: float) -> None:
+    """callindex's counter backfill, a state per transaction, ``delay`` seconds
+    after the writers start; reports ``{"states": n, "batches": n}``."""
+    from callindex import adoption
+    from callindex.database import Database
+
+    try:
+        barrier.wait()
+        time.sleep(delay)
+        states, batches = adoption.backfill_counters(Database(url), batch_states=1)
+        results.put({"states": states, "batches": batches})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
 def write_as(barrier: Barrier, results: Any, kind: str, *args: Any) -> None:
-    """One worker of a mixed run: ``kind`` is "legacy" (legacy_write_many) or
-    "callindex" (record_many); the result is tagged with it."""
-    target = legacy_write_many if kind == "legacy" else record_many
+    """One worker of a mixed run, tagged with its ``kind``: "legacy"
+    (legacy_write_many), "callindex" (record_many) or "backfill"."""
+    target = {
+        "legacy": legacy_write_many,
+        "callindex": record_many,
+        "backfill": backfill_after_barrier,
+    }[kind]
 
     class Tag:
         def put(self, value: Any) -> None:

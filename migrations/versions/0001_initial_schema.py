@@ -3,7 +3,9 @@
 A database that has a ``calls`` table already (an audit database numbered by
 legacy in-process counters) is adopted instead: its table, rows, columns and
 indices are kept, and only the columns callindex writes that it lacks are
-added, all nullable, so nothing is rewritten and no legacy writer breaks.
+added, all nullable, so nothing is rewritten and no legacy insert breaks
+(0002's guards do refuse legacy UPDATEs and DELETEs of finished calls: the
+trail is append-only from then on).
 Counters start empty: the numbering trigger (0004) and ``open_state`` start
 a state's counter past its recorded calls, and ``callindex db adopt``
 backfills them all in batches (see callindex.adoption).
@@ -94,6 +96,10 @@ def adopting() -> bool:
 
 
 def _adopt_calls() -> None:
+    # The same checks as `callindex db adopt`, whichever way the migrations run.
+    from callindex.adoption import check_table
+
+    check_table(op.get_bind(), "this database")
     present = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("calls")}
     for name, type_ in ADOPTED_COLUMNS:
         if name not in present:

@@ -39,6 +39,11 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
+# An insert may bring an index at most this far ahead of its state's counter
+# (a legacy writer's counter never jumps): a larger one would move the counter
+# out of reach for good, since counters never move back.
+MAX_AHEAD = 1_000_000
+
 NUMBER_CALL = """
 CREATE FUNCTION callindex_number_call() RETURNS trigger
 LANGUAGE plpgsql
@@ -47,6 +52,7 @@ AS $$
 DECLARE
     next bigint;
 BEGIN
+    NEW.recorded_by := session_user;  -- whatever the insert said
     IF NEW.state_id IS NULL THEN
         RETURN NEW;  -- an adopted table may hold calls of no state; not numbered here
     END IF;
@@ -58,17 +64,27 @@ BEGIN
             RETURN NEW;
         END IF;
     END IF;
-    -- Hold the counter until this insert commits: every writer of the state
-    -- queues here, so the checks below see every call committed before.
-    SELECT next_index INTO next FROM call_index_counters
-    WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+    -- Take the counter until this insert commits: every writer of the state
+    -- queues here, so the checks below see every call committed before. It is
+    -- written, not only locked, so that a REPEATABLE READ or SERIALIZABLE
+    -- writer whose snapshot misses the state's last insert gets a
+    -- serialization failure (to retry) instead of a unique violation.
+    UPDATE call_index_counters SET next_index = next_index
+    WHERE state_id = NEW.state_id
+    RETURNING next_index INTO next;
     IF NOT FOUND THEN
         INSERT INTO call_index_counters (state_id, next_index)
         SELECT NEW.state_id, coalesce(max(call_index) + 1, 0)
         FROM calls WHERE state_id = NEW.state_id
         ON CONFLICT (state_id) DO NOTHING;
-        SELECT next_index INTO next FROM call_index_counters
-        WHERE state_id = NEW.state_id FOR NO KEY UPDATE;
+        UPDATE call_index_counters SET next_index = next_index
+        WHERE state_id = NEW.state_id
+        RETURNING next_index INTO next;
+    END IF;
+    IF NEW.call_index > next + {max_ahead} THEN
+        RAISE EXCEPTION 'callindex: call_index % is more than {max_ahead} ahead of the '
+            'counter of state % (%)', NEW.call_index, NEW.state_id, next
+            USING ERRCODE = 'numeric_value_out_of_range';
     END IF;
     IF NEW.call_index IS NULL
        OR (NEW.call_index < next AND EXISTS (
@@ -83,7 +99,7 @@ BEGIN
     RETURN NEW;
 END;
 $$
-"""
+""".replace("{max_ahead}", str(MAX_AHEAD))
 
 RESERVE = """
 CREATE FUNCTION callindex_reserve(p_state_id text, p_count integer)
@@ -266,30 +282,30 @@ def sqlite_triggers(columns: tuple[str, ...]) -> list[str]:
         [f"NEW.{c}" for c in others]
         + ["(SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id)"]
     )
+    renumber = f"""BEGIN{_SQLITE_OPEN_COUNTER}
+    UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
+    INSERT INTO calls ({listed}) VALUES ({values});
+    SELECT RAISE(IGNORE);
+END"""
     return [
         f"""
 CREATE TRIGGER callindex_number_call_missing BEFORE INSERT ON calls
 WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NULL
-BEGIN{_SQLITE_OPEN_COUNTER}
-    UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls ({listed}) VALUES ({values});
-    SELECT RAISE(IGNORE);
-END
+{renumber}
 """,
         f"""
 CREATE TRIGGER callindex_number_call_taken BEFORE INSERT ON calls
 WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL AND EXISTS (
     SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
-BEGIN{_SQLITE_OPEN_COUNTER}
-    UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls ({listed}) VALUES ({values});
-    SELECT RAISE(IGNORE);
-END
+{renumber}
 """,
         f"""
 CREATE TRIGGER callindex_number_call_given BEFORE INSERT ON calls
 WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL
 BEGIN{_SQLITE_OPEN_COUNTER}
+    SELECT RAISE(ABORT, 'callindex: call_index is more than {MAX_AHEAD} ahead of its counter')
+    WHERE NEW.call_index > {MAX_AHEAD} + (
+        SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = NEW.call_index + 1
     WHERE state_id = NEW.state_id AND next_index <= NEW.call_index;
 END
@@ -310,9 +326,16 @@ def _earlier(revision_id: str) -> object:
 
 
 def _sqlite_columns() -> tuple[str, ...]:
+    """The columns a renumbered call is inserted again with: all but generated
+    ones and a rowid alias (an adopted table's INTEGER PRIMARY KEY), which
+    SQLite fills itself. A later migration that adds a column to calls must
+    create these triggers again."""
     if op.get_context().as_sql:
         return CALL_COLUMNS
-    return tuple(column["name"] for column in sa.inspect(op.get_bind()).get_columns("calls"))
+    columns = op.get_bind().exec_driver_sql("PRAGMA table_xinfo(calls)").all()
+    keys = [column for column in columns if column[5]]
+    rowid_alias = keys[0][1] if len(keys) == 1 and keys[0][2].upper() == "INTEGER" else None
+    return tuple(column[1] for column in columns if column[6] == 0 and column[1] != rowid_alias)
 
 
 def upgrade() -> None:

@@ -26,15 +26,17 @@ again.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, String, inspect, text
 
 from callindex import migrations
 from callindex.database import Database, Statements, sqlite_file
 from callindex.errors import AdoptionError, InvalidInputError
+from callindex.migrations import lock_timeout_statement
 
 DEFAULT_BATCH_STATES: Final = 1_000
 DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
@@ -43,6 +45,7 @@ _ALWAYS_WRITTEN: Final = frozenset(
     {"call_id", "state_id", "call_index", "call_type", "status", "created_at"}
 )
 _PENDING_INDEX: Final = "ix_calls_pending_created_at"
+_CHECKS_WHAT_CALLINDEX_WRITES: Final = re.compile(r"\b(status|call_type)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -57,63 +60,82 @@ class AdoptionReport:
 
 def check(db: Database) -> None:
     """Raise :class:`AdoptionError` unless ``calls`` can be adopted as it is."""
+    db.read(lambda statements: check_table(statements.connection, db.display_url))
 
-    def inspect_table(statements: Statements) -> None:
-        inspector = inspect(statements.connection)
-        if not inspector.has_table("calls"):
-            raise AdoptionError(
-                f"{db.display_url} has no calls table to adopt: "
-                "run `callindex db upgrade` to create callindex's schema"
-            )
-        if any(
-            key["referred_table"] == "call_index_counters"
-            for key in inspector.get_foreign_keys("calls")
-        ):
-            raise AdoptionError(
-                f"the calls table of {db.display_url} was created by callindex: "
-                "there is nothing to adopt (`callindex db upgrade` keeps it current)"
-            )
-        columns = {column["name"]: column for column in inspector.get_columns("calls")}
-        missing = [name for name in ("call_id", "state_id", "call_index") if name not in columns]
-        if missing:
-            raise AdoptionError(f"calls has no {', '.join(missing)} column: it cannot be adopted")
-        unique_sets = [tuple(inspector.get_pk_constraint("calls")["constrained_columns"])]
-        unique_sets += [
-            tuple(str(name) for name in index["column_names"])
-            for index in inspector.get_indexes("calls")
-            if index["unique"]
-        ]
-        unique_sets += [
-            tuple(constraint["column_names"])
-            for constraint in inspector.get_unique_constraints("calls")
-        ]
-        if ("call_id",) not in unique_sets:
-            raise AdoptionError(
-                "calls.call_id is not unique; make it the primary key or add "
-                "CREATE UNIQUE INDEX ON calls (call_id) before adopting"
-            )
-        if ("state_id", "call_index") not in unique_sets:
-            raise AdoptionError(
-                "calls has no unique index on (state_id, call_index); add "
-                "CREATE UNIQUE INDEX CONCURRENTLY ON calls (state_id, call_index) "
-                "WHERE state_id IS NOT NULL (it fails, naming them, if duplicates exist)"
-            )
-        blocking = sorted(
-            name
-            for name, column in columns.items()
-            if not column["nullable"]
-            and column.get("default") is None
-            and column.get("autoincrement") is not True
-            and name not in _ALWAYS_WRITTEN
+
+def check_table(connection: Connection, where: str) -> None:
+    """:func:`check` on an open connection; migration 0001 runs it before it
+    adopts a table, whichever way the migrations are run."""
+    inspector = inspect(connection)
+    if not inspector.has_table("calls"):
+        raise AdoptionError(
+            f"{where} has no calls table to adopt: "
+            "run `callindex db upgrade` to create callindex's schema"
         )
-        if blocking:
+    if any(
+        key["referred_table"] == "call_index_counters"
+        for key in inspector.get_foreign_keys("calls")
+    ):
+        raise AdoptionError(
+            f"the calls table of {where} was created by callindex: "
+            "there is nothing to adopt (`callindex db upgrade` keeps it current)"
+        )
+    columns = {column["name"]: column for column in inspector.get_columns("calls")}
+    missing = [name for name in ("call_id", "state_id", "call_index") if name not in columns]
+    if missing:
+        raise AdoptionError(f"calls has no {', '.join(missing)} column: it cannot be adopted")
+    if not isinstance(columns["state_id"]["type"], String):
+        raise AdoptionError(
+            f"calls.state_id is {columns['state_id']['type']}, not text: callindex's "
+            "state ids are text (convert the column first)"
+        )
+    unique_sets = [tuple(inspector.get_pk_constraint("calls")["constrained_columns"])]
+    unique_sets += [
+        tuple(str(name) for name in index["column_names"])
+        for index in inspector.get_indexes("calls")
+        if index["unique"]
+    ]
+    unique_sets += [
+        tuple(constraint["column_names"])
+        for constraint in inspector.get_unique_constraints("calls")
+    ]
+    if connection.dialect.name == "sqlite":  # inline UNIQUE columns: autoindexes, not reflected
+        for index in connection.exec_driver_sql("PRAGMA index_list(calls)").all():
+            if index[2]:
+                info = connection.exec_driver_sql(f'PRAGMA index_info("{index[1]}")').all()
+                unique_sets.append(tuple(column[2] for column in info))
+    if ("call_id",) not in unique_sets:
+        raise AdoptionError(
+            "calls.call_id is not unique; make it the primary key or add "
+            "CREATE UNIQUE INDEX ON calls (call_id) before adopting"
+        )
+    if ("state_id", "call_index") not in unique_sets:
+        raise AdoptionError(
+            "calls has no unique index on (state_id, call_index); add "
+            "CREATE UNIQUE INDEX CONCURRENTLY ON calls (state_id, call_index) "
+            "WHERE state_id IS NOT NULL (it fails, naming them, if duplicates exist)"
+        )
+    blocking = sorted(
+        name
+        for name, column in columns.items()
+        if not column["nullable"]
+        and column.get("default") is None
+        and column.get("autoincrement") is not True
+        and name not in _ALWAYS_WRITTEN
+    )
+    if blocking:
+        raise AdoptionError(
+            f"calls.{', calls.'.join(blocking)} is NOT NULL without a default, and "
+            "callindex may record calls without a value for it: give it a default "
+            "or drop NOT NULL before adopting"
+        )
+    for constraint in inspector.get_check_constraints("calls"):
+        if _CHECKS_WHAT_CALLINDEX_WRITES.search(constraint["sqltext"]):
             raise AdoptionError(
-                f"calls.{', calls.'.join(blocking)} is NOT NULL without a default, and "
-                "callindex may record calls without a value for it: give it a default "
-                "or drop NOT NULL before adopting"
+                f"the CHECK constraint {constraint['name']} ({constraint['sqltext']}) may "
+                "refuse what callindex records (status pending, success, error or "
+                "abandoned; call_type http, llm, tool or other): widen or drop it first"
             )
-
-    db.read(inspect_table)
 
 
 def adopt(
@@ -134,7 +156,7 @@ def adopt(
     indexed = time.monotonic()
     migrations.upgrade(db, lock_timeout_seconds=lock_timeout_seconds)
     migrated = time.monotonic()
-    states, batches = backfill_counters(db, batch_states)
+    states, batches = backfill_counters(db, batch_states, lock_timeout_seconds)
     backfilled = time.monotonic()
     calls = db.read(
         lambda statements: int(
@@ -178,9 +200,18 @@ def _build_pending_index(db: Database) -> None:
         )
 
 
-def backfill_counters(db: Database, batch_states: int = DEFAULT_BATCH_STATES) -> tuple[int, int]:
+def backfill_counters(
+    db: Database,
+    batch_states: int = DEFAULT_BATCH_STATES,
+    lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+) -> tuple[int, int]:
     """Create the missing counters, ``batch_states`` states per transaction, in
-    ``state_id`` order; returns (states seen, batches)."""
+    ``state_id`` order; returns (states seen, batches).
+
+    A batch that must wait for a writer (one creating a counter of the batch's
+    states) gives up after ``lock_timeout_seconds`` (PostgreSQL), releasing
+    the counters it created, and is retried: a long writer transaction never
+    holds up the writers of a whole batch for longer than that."""
     after = ""
     states = batches = 0
     while True:
@@ -188,7 +219,11 @@ def backfill_counters(db: Database, batch_states: int = DEFAULT_BATCH_STATES) ->
         if found is None:
             return states, batches
         last, count = found
-        db.run(functools.partial(_backfill, after=after, last=last))
+        db.run(
+            functools.partial(
+                _backfill, after=after, last=last, lock_timeout_seconds=lock_timeout_seconds
+            )
+        )
         states += count
         batches += 1
         after = last
@@ -199,5 +234,7 @@ def _next_batch(statements: Statements, after: str, batch_states: int) -> tuple[
     return (row["last_state"], int(row["states"])) if row["states"] else None
 
 
-def _backfill(statements: Statements, after: str, last: str) -> None:
+def _backfill(statements: Statements, after: str, last: str, lock_timeout_seconds: float) -> None:
+    if statements.db.backend == "postgresql":
+        statements.connection.execute(text(lock_timeout_statement(lock_timeout_seconds)))
     statements.rows("backfill_counters", {"after": after, "last": last})

@@ -29,6 +29,11 @@ VERSION_TABLE: Final = "callindex_alembic_version"
 _UPGRADE_LOCK_KEY: Final = 0x63616C6C  # "call"
 
 
+def lock_timeout_statement(seconds: float) -> str:
+    """PostgreSQL: bound this transaction's waits for a lock."""
+    return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"
+
+
 def alembic_config(
     *,
     connection: Connection | None = None,
@@ -120,8 +125,7 @@ def _run(
         if db.backend == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
             if lock_timeout_seconds is not None:
-                milliseconds = max(1, round(lock_timeout_seconds * 1000))
-                conn.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
+                conn.execute(text(lock_timeout_statement(lock_timeout_seconds)))
         config = alembic_config(connection=conn)
         try:
             getattr(command, direction)(config, revision)
