@@ -15,8 +15,10 @@
 --   * SELECT and INSERT calls, and read the counters. Every insert goes
 --     through the numbering trigger (migration 0004): without a call_index it
 --     gets the counter's next; an index already recorded is renumbered; one
---     ahead of the counter moves it (at most 1,000,000 ahead); recorded_by is
---     set to the login role, whatever the insert says;
+--     ahead of the counter moves it (at most 1,000,000 ahead, as
+--     callindex_allocate reserves at most 1,000,000 at a time: each step is
+--     bounded, not their sum, so grant the role to your pipelines only);
+--     recorded_by is set to the login role, whatever the insert says;
 --   * open states, allocate indices, record calls and finish its own pending
 --     calls only through callindex's SECURITY DEFINER functions
 --     (callindex_open_state, callindex_allocate / callindex_reserve,

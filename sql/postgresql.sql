@@ -237,11 +237,12 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 AS $$
 BEGIN
-    -- No row: the state is unknown (or p_count is not positive).
+    -- No row: the state is unknown, or p_count is not in 1..1000000 (the
+    -- library's limit too: a counter must never be pushed out of reach).
     RETURN QUERY
     UPDATE call_index_counters
     SET next_index = next_index + p_count
-    WHERE state_id = p_state_id AND p_count >= 1
+    WHERE state_id = p_state_id AND p_count BETWEEN 1 AND 1000000
     RETURNING next_index - p_count;
 END;
 $$;
@@ -254,8 +255,9 @@ AS $$
 DECLARE
     first_index bigint;
 BEGIN
-    IF callindex_allocate.count IS NULL OR callindex_allocate.count < 1 THEN
-        RAISE EXCEPTION 'callindex_allocate: count must be at least 1, not %',
+    IF callindex_allocate.count IS NULL
+       OR callindex_allocate.count NOT BETWEEN 1 AND 1000000 THEN
+        RAISE EXCEPTION 'callindex_allocate: count must be 1 to 1000000, not %',
             callindex_allocate.count
             USING ERRCODE = 'invalid_parameter_value';
     END IF;

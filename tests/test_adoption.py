@@ -148,6 +148,25 @@ def test_the_backfill_races_writers_of_the_same_states(empty_db_url: str) -> Non
         assert counter_value(empty_db_url, state) == max(r[2] for r in rows if r[1] == state) + 1
 
 
+def test_a_table_with_only_the_key_columns_is_adopted(empty_db_url: str) -> None:
+    engine = create_engine(empty_db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE calls (call_id VARCHAR(64) PRIMARY KEY, state_id VARCHAR(64), "
+                "call_index INTEGER NOT NULL CHECK (call_index >= 0), "
+                "UNIQUE (state_id, call_index))"
+            )
+        )
+        conn.execute(text("INSERT INTO calls VALUES ('old', 's', 0)"))
+    engine.dispose()
+    assert adoption.adopt(Database(empty_db_url)).states == 1
+    with CallRecorder(empty_db_url) as recorder:
+        begun = recorder.begin_call("s", "http", {})
+        assert begun.call_index == 1
+        assert recorder.verify(pending_threshold_seconds=3600).ok
+
+
 class TestWhatCannotBeAdopted:
     def assert_nothing_written(self, url: str, before: set[str]) -> None:
         assert tables(url) == before
@@ -198,6 +217,12 @@ class TestWhatCannotBeAdopted:
                 "UNIQUE (state_id, call_index)",
                 "CHECK constraint legacy_status",
             ),
+            (
+                "call_id VARCHAR(64) PRIMARY KEY, state_id VARCHAR(64), "
+                "call_index INTEGER CONSTRAINT from_one CHECK (call_index >= 1), "
+                "UNIQUE (state_id, call_index)",
+                "CHECK constraint from_one",
+            ),
         ],
     )
     def test_columns_callindex_cannot_write_into(
@@ -213,6 +238,22 @@ class TestWhatCannotBeAdopted:
         with pytest.raises(AdoptionError, match=refusal):
             migrations.upgrade(Database(empty_db_url))
         self.assert_nothing_written(empty_db_url, {"calls"})
+
+    def test_through_an_applications_alembic_nothing_is_left_behind(self, legacy_url: str) -> None:
+        """upgrade_with refuses the same way; on SQLite, whose DDL on such a
+        connection is not transactional, the check runs before anything is created."""
+        engine = create_engine(legacy_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP INDEX ix_calls_state_call_index_unique"))
+        with engine.connect() as conn, pytest.raises(AdoptionError, match="no unique index"):
+            migrations.upgrade_with(conn)
+        assert "call_index_counters" not in tables(legacy_url)
+        with engine.begin() as conn:
+            conn.execute(text("CREATE UNIQUE INDEX legacy_unique ON calls (state_id, call_index)"))
+        with engine.connect() as conn:
+            migrations.upgrade_with(conn)
+        engine.dispose()
+        assert migrations.check(Database(legacy_url)).up_to_date
 
     def test_a_database_callindex_created(self, db_url: str) -> None:
         with pytest.raises(AdoptionError, match="created by callindex"):

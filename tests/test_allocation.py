@@ -122,8 +122,8 @@ def test_postgresql_function_shares_the_allocator(postgresql_url: str) -> None:
     ("call", "message"),
     [
         ("callindex_allocate('nope')", "unknown state nope"),
-        ("callindex_allocate('s1', 0)", "count must be at least 1"),
-        ("callindex_allocate('s1', NULL)", "count must be at least 1"),
+        ("callindex_allocate('s1', 0)", "count must be 1 to 1000000"),
+        ("callindex_allocate('s1', NULL)", "count must be 1 to 1000000"),
     ],
 )
 def test_postgresql_function_refuses_bad_input(

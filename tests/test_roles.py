@@ -176,5 +176,17 @@ class TestWhatAnInsertCannotForge:
     def test_a_counter_cannot_be_pushed_out_of_reach(self, roles: str) -> None:
         with pytest.raises(exc.DBAPIError, match="more than 1000000 ahead"):
             self.insert(roles, "('far', 's', 9223372036854775806, 'http', 'success', NULL)")
+        refused_by_function = create_engine(as_role(roles, "callindex_test_app"))
+        try:
+            with (
+                pytest.raises(exc.DBAPIError, match="count must be 1 to 1000000"),
+                refused_by_function.begin() as conn,
+            ):
+                conn.execute(text("SELECT callindex_allocate('s', 2147483647)"))
+            with refused_by_function.begin() as conn:
+                reserved = conn.execute(text("SELECT callindex_reserve('s', 2000000)")).all()
+            assert reserved == []
+        finally:
+            refused_by_function.dispose()
         with CallRecorder(as_role(roles, "callindex_test_app")) as app:
             assert app.allocate_call_index("s") == 0

@@ -95,11 +95,15 @@ def adopting() -> bool:
     )
 
 
-def _adopt_calls() -> None:
-    # The same checks as `callindex db adopt`, whichever way the migrations run.
+def _check_adoptable() -> None:
+    # The same checks as `callindex db adopt`, whichever way the migrations
+    # run, and before anything is created (SQLite DDL may not be transactional).
     from callindex.adoption import check_table
 
     check_table(op.get_bind(), "this database")
+
+
+def _adopt_calls() -> None:
     present = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("calls")}
     for name, type_ in ADOPTED_COLUMNS:
         if name not in present:
@@ -108,6 +112,8 @@ def _adopt_calls() -> None:
 
 def upgrade() -> None:
     adopted = adopting()
+    if adopted:
+        _check_adoptable()
     op.create_table(
         "call_index_counters",
         sa.Column("state_id", sa.Text(), nullable=False),

@@ -108,15 +108,16 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 AS $$
 BEGIN
-    -- No row: the state is unknown (or p_count is not positive).
+    -- No row: the state is unknown, or p_count is not in 1..{max_ahead} (the
+    -- library's limit too: a counter must never be pushed out of reach).
     RETURN QUERY
     UPDATE call_index_counters
     SET next_index = next_index + p_count
-    WHERE state_id = p_state_id AND p_count >= 1
+    WHERE state_id = p_state_id AND p_count BETWEEN 1 AND {max_ahead}
     RETURNING next_index - p_count;
 END;
 $$
-"""
+""".replace("{max_ahead}", str(MAX_AHEAD))
 
 ALLOCATE = """
 CREATE FUNCTION callindex_allocate(state_id text, count integer DEFAULT 1)
@@ -127,8 +128,9 @@ AS $$
 DECLARE
     first_index bigint;
 BEGIN
-    IF callindex_allocate.count IS NULL OR callindex_allocate.count < 1 THEN
-        RAISE EXCEPTION 'callindex_allocate: count must be at least 1, not %',
+    IF callindex_allocate.count IS NULL
+       OR callindex_allocate.count NOT BETWEEN 1 AND {max_ahead} THEN
+        RAISE EXCEPTION 'callindex_allocate: count must be 1 to {max_ahead}, not %',
             callindex_allocate.count
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -141,7 +143,7 @@ BEGIN
     RETURN first_index;
 END;
 $$
-"""
+""".replace("{max_ahead}", str(MAX_AHEAD))
 
 OPEN_STATE = """
 CREATE FUNCTION callindex_open_state(p_state_id text) RETURNS void

@@ -45,7 +45,11 @@ _ALWAYS_WRITTEN: Final = frozenset(
     {"call_id", "state_id", "call_index", "call_type", "status", "created_at"}
 )
 _PENDING_INDEX: Final = "ix_calls_pending_created_at"
-_CHECKS_WHAT_CALLINDEX_WRITES: Final = re.compile(r"\b(status|call_type)\b", re.IGNORECASE)
+_CHECKS_WHAT_CALLINDEX_WRITES: Final = re.compile(
+    r"\b(status|call_type|call_index)\b", re.IGNORECASE
+)
+# The one CHECK on those columns callindex's own schema has.
+_HARMLESS_CHECK: Final = re.compile(r"^\(?\s*call_index\s*>=\s*0\s*\)?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,13 @@ def check_table(connection: Connection, where: str) -> None:
             "or drop NOT NULL before adopting"
         )
     for constraint in inspector.get_check_constraints("calls"):
-        if _CHECKS_WHAT_CALLINDEX_WRITES.search(constraint["sqltext"]):
+        sqltext = constraint["sqltext"].strip()
+        if _CHECKS_WHAT_CALLINDEX_WRITES.search(sqltext) and not _HARMLESS_CHECK.match(sqltext):
             raise AdoptionError(
                 f"the CHECK constraint {constraint['name']} ({constraint['sqltext']}) may "
                 "refuse what callindex records (status pending, success, error or "
-                "abandoned; call_type http, llm, tool or other): widen or drop it first"
+                "abandoned; call_type http, llm, tool or other; call_index from 0): "
+                "widen or drop it first"
             )
 
 
@@ -181,6 +187,9 @@ def _build_pending_index(db: Database) -> None:
         return
     with db.translated_errors(), db.engine.connect() as conn:
         auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        columns = {column["name"] for column in inspect(auto).get_columns("calls")}
+        if not {"status", "created_at"} <= columns:
+            return  # they come with the schema step, and 0002 builds the index then
         valid = auto.execute(
             text(
                 "SELECT index.indisvalid FROM pg_index AS index "
