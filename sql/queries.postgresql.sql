@@ -34,11 +34,13 @@ SELECT * FROM callindex_finish_call(
 );
 
 -- sweep_pending --
--- Mark pending calls older than :seconds abandoned, oldest first.
+-- Mark pending calls older than :seconds abandoned, oldest first; only those of
+-- states whose id starts with :state_prefix ('' for all).
 UPDATE calls
 SET status = 'abandoned', completed_at = now()
 WHERE status = 'pending'
   AND created_at <= now() - make_interval(secs => CAST(:seconds AS double precision))
+  AND starts_with(state_id, CAST(:state_prefix AS text))
 RETURNING call_id, state_id, call_index;
 
 -- stale_pending --

@@ -51,6 +51,7 @@ UPDATE calls
 SET status = 'abandoned', completed_at = strftime('%Y-%m-%d %H:%M:%f', 'now')
 WHERE status = 'pending'
   AND created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || :seconds || ' seconds')
+  AND substr(state_id, 1, length(:state_prefix)) = :state_prefix
 RETURNING call_id, state_id, call_index;
 
 -- stale_pending --

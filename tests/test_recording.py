@@ -121,6 +121,20 @@ class TestTwoPhaseCalls:
         assert opened.sweep(3600) == []
         assert opened.finish_call(begun.call_id, "success").status == "success"
 
+    @pytest.mark.parametrize("prefix", ["run-1/", "run-1/%", "run-_/"])
+    def test_sweep_of_a_state_prefix_leaves_other_states_alone(
+        self, recorder: CallRecorder, prefix: str
+    ) -> None:
+        """The prefix is matched literally: LIKE's wildcards mean nothing here."""
+        for state_id in ("run-1/a", "run-10/a", "run-1%/a", "other"):
+            recorder.open_state(state_id)
+            recorder.begin_call(state_id, "http", {}, call_id=f"pending:{state_id}")
+        swept = {s["state_id"] for s in recorder.sweep(0, state_prefix=prefix)}
+        assert swept == {"run-1/a"} if prefix == "run-1/" else swept == set()
+        assert {s["state_id"] for s in recorder.sweep(0)} == {"run-10/a", "run-1%/a", "other"} | (
+            set() if prefix == "run-1/" else {"run-1/a"}
+        )
+
 
 class TestTheDatabaseGuardsTheTrail:
     """Enforced by triggers, so writers that bypass callindex are held too."""

@@ -93,14 +93,15 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def sweep(db: Database, older_than_seconds: float) -> list[dict[str, Any]]:
-    """Mark ``pending`` calls created at least ``older_than_seconds`` ago ``abandoned``."""
+def sweep(db: Database, older_than_seconds: float, state_prefix: str = "") -> list[dict[str, Any]]:
+    """Mark ``pending`` calls created at least ``older_than_seconds`` ago
+    ``abandoned``; with ``state_prefix``, only those of states whose id starts with it."""
     older_than_seconds = validate_seconds(older_than_seconds, "older_than_seconds")
-
+    if not isinstance(state_prefix, str):
+        raise InvalidInputError(f"state_prefix must be a string, not {type(state_prefix).__name__}")
+    parameters = {"seconds": older_than_seconds, "state_prefix": state_prefix}
     return db.run(
-        lambda statements: [
-            dict(row) for row in statements.rows("sweep_pending", {"seconds": older_than_seconds})
-        ],
+        lambda statements: [dict(row) for row in statements.rows("sweep_pending", parameters)],
         single_statement=True,
     )
 

@@ -253,11 +253,17 @@ def _print_report(report: audit.Report) -> None:
     required=True,
     help="Age of pending calls to abandon (90s, 15m, 2h).",
 )
+@click.option(
+    "--state-prefix",
+    default="",
+    metavar="PREFIX",
+    help="Only calls of states whose id starts with PREFIX.",
+)
 @click.pass_context
-def sweep(ctx: click.Context, older_than: float) -> None:
+def sweep(ctx: click.Context, older_than: float, state_prefix: str) -> None:
     """Mark pending calls at least DURATION old as abandoned (their worker died)."""
     with CallRecorder(_url(ctx)) as recorder:
-        swept = recorder.sweep(older_than)
+        swept = recorder.sweep(older_than, state_prefix=state_prefix)
     for call in swept:
         click.echo(f"abandoned {call['state_id']}#{call['call_index']} ({call['call_id']})")
     _stderr.print(f"{len(swept)} pending calls marked abandoned")

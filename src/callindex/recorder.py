@@ -173,9 +173,10 @@ class CallRecorder:
         """Check the trail's invariants; see :class:`callindex.audit.Report`."""
         return audit.verify(self._db, pending_threshold_seconds)
 
-    def sweep(self, older_than_seconds: float) -> list[dict[str, Any]]:
-        """Mark pending calls at least this old ``abandoned``; returns them."""
-        return audit.sweep(self._db, older_than_seconds)
+    def sweep(self, older_than_seconds: float, *, state_prefix: str = "") -> list[dict[str, Any]]:
+        """Mark pending calls at least this old ``abandoned`` (only those of states
+        whose id starts with ``state_prefix``, when given); returns them."""
+        return audit.sweep(self._db, older_than_seconds, state_prefix)
 
     def repair(self) -> list[dict[str, Any]]:
         """Move counters that are behind their calls forward; returns the states moved."""

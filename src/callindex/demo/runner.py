@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from rich.console import Console
-from sqlalchemy import exc, text
 
 from callindex.audit import GAP_CAUSE, Report
 from callindex.database import display_url, parse_url
@@ -28,7 +27,7 @@ from callindex.demo.legacy import LEGACY_TABLE, LegacyStore
 from callindex.demo.monitor import PhaseMonitor, PhaseResult
 from callindex.demo.verdict import TrailRow, Verdict, added_latency
 from callindex.demo.workers import Flags, WorkerConfig, callindex_worker, legacy_worker
-from callindex.errors import DatabaseError, InvalidInputError
+from callindex.errors import InvalidInputError
 from callindex.loopback import Faults, LoopbackAPI
 from callindex.recorder import CallRecorder
 from callindex.retry import RetryPolicy
@@ -102,7 +101,8 @@ def run_demo(config: DemoConfig, *, console: Console, progress_console: Console)
         phase = run_phase(
             "callindex", callindex_worker, url, "", state_ids, config, progress_console
         )
-        swept = len(recorder.sweep(0)) if config.url is None else _sweep_run(recorder, prefix)
+        # Only this run's states: on a shared --db, others' in-flight calls are theirs.
+        swept = len(recorder.sweep(0, state_prefix=prefix))
         rows = _callindex_rows(recorder, state_ids)
         report = recorder.verify()
     sides.append(
@@ -122,28 +122,6 @@ def _fresh_sqlite(path: Path) -> str:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return f"sqlite:///{path.resolve()}"
-
-
-def _sweep_run(recorder: CallRecorder, prefix: str) -> int:
-    """``sweep(0)`` restricted to this run's states, for a database that others use:
-    their in-flight calls are theirs to finish. The same update as ``sweep``."""
-    now = (
-        "now()"
-        if recorder.engine.dialect.name == "postgresql"
-        else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-    )
-    statement = text(
-        f"UPDATE calls SET status = 'abandoned', completed_at = {now} "
-        "WHERE status = 'pending' AND substr(state_id, 1, :length) = :prefix"
-    )
-    try:
-        with recorder.engine.begin() as conn:
-            result = conn.execute(statement, {"prefix": prefix, "length": len(prefix)})
-    except exc.SQLAlchemyError as error:
-        raise DatabaseError(
-            f"could not mark this run's pending calls abandoned: {error}"
-        ) from error
-    return int(result.rowcount)
 
 
 def _callindex_rows(recorder: CallRecorder, state_ids: Sequence[str]) -> list[TrailRow]:
