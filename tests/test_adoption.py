@@ -293,3 +293,9 @@ def test_writers_keep_writing_during_the_adoption(empty_db_url: str) -> None:
     for state in states:
         indices = [row[2] for row in rows if row[1] == state]
         assert counter_value(empty_db_url, state) == max(indices) + 1
+
+
+def test_a_bad_lock_timeout_is_a_usage_error(legacy_url: str) -> None:
+    result = CliRunner().invoke(cli, ["--db", legacy_url, "db", "adopt", "--lock-timeout", "soon"])
+    assert result.exit_code == 2 and "not a duration" in result.output
+    assert "call_index_counters" not in tables(legacy_url)

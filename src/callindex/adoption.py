@@ -4,10 +4,11 @@
 counters, no counter table) to callindex's schema while its writers keep
 writing:
 
-1. **check** the table: ``call_id`` unique, a unique index on
-   ``(state_id, call_index)``, and no NOT NULL column callindex would leave
-   empty; anything else is refused with :class:`AdoptionError` before a
-   single statement is written;
+1. **check** the table (:func:`check_table`): ``call_id`` unique, a unique
+   index on ``(state_id, call_index)``, a text ``state_id``, no NOT NULL
+   column callindex would leave empty, no CHECK that could refuse its values;
+   anything else is refused with :class:`AdoptionError` before a single
+   statement is written;
 2. on PostgreSQL, build the pending-calls index ``CONCURRENTLY`` (no lock on
    writers);
 3. run the migrations (0001 adopts the table: only missing columns are
@@ -17,7 +18,8 @@ writing:
    every writer, and starts any missing counter past its state's calls;
 4. backfill ``next_index = max(call_index) + 1`` for every state, a batch of
    states per transaction. A writer waits at most for one batch, and only
-   on a state of that batch.
+   on a state of that batch; a batch that must itself wait for a writer
+   gives up after ``lock_timeout_seconds`` and is retried.
 
 Every step is idempotent: an interrupted adoption is resumed by running it
 again.

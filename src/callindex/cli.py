@@ -45,6 +45,13 @@ def _database(ctx: click.Context) -> Database:
     return Database(_url(ctx))
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return audit.parse_duration(value)
+    except CallIndexError as error:
+        raise click.BadParameter(str(error), ctx, param) from error
+
+
 @click.group(cls=_Group)
 @click.option(
     "--db",
@@ -112,18 +119,20 @@ def db_check(ctx: click.Context) -> None:
 )
 @click.option(
     "--lock-timeout",
+    metavar="DURATION",
+    callback=_duration,
     default=f"{adoption.DEFAULT_LOCK_TIMEOUT_SECONDS:g}s",
     show_default=True,
-    help="PostgreSQL: longest wait for the brief table lock of the schema step (then retry).",
+    help="PostgreSQL: longest wait for a lock in the schema step or a backfill batch (then retry).",
 )
 @click.pass_context
-def db_adopt(ctx: click.Context, batch_states: int, lock_timeout: str) -> None:
+def db_adopt(ctx: click.Context, batch_states: int, lock_timeout: float) -> None:
     """Adopt an existing calls table: keep its rows and columns, add callindex's
     schema, backfill a counter per state. Safe while writers run; resumable."""
     report = adoption.adopt(
         _database(ctx),
         batch_states=batch_states,
-        lock_timeout_seconds=audit.parse_duration(lock_timeout),
+        lock_timeout_seconds=lock_timeout,
     )
     click.echo(
         f"adopted {report.calls:,} calls of {report.states:,} states: "
@@ -179,13 +188,6 @@ def calls_command(ctx: click.Context, state_id: str, as_json: bool) -> None:
             call.call_id,
         )
     _stdout().print(table)
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        return audit.parse_duration(value)
-    except CallIndexError as error:
-        raise click.BadParameter(str(error), ctx, param) from error
 
 
 @cli.command()
