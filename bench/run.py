@@ -1,15 +1,18 @@
 """callindex benchmark: every strategy side by side, in one run, on one database.
 
     python bench/run.py --db postgresql+psycopg://root@127.0.0.1/bench [--workers 1,2,4,8]
-        [--repeats 3] [--operations 400] [--json] [--plot throughput.png]
+        [--repeats 5] [--operations 300] [--json] [--plot throughput.png]
 
 (`callindex bench` runs this script.) For each strategy, number of worker
 processes and mode (``hot``: all workers on one state; ``distinct``: one state
-each) it runs the strategy ``--repeats`` times and keeps the median throughput.
-Every run's indices are checked: no duplicate (state, index), and for
-callindex exactly 0..N-1 per state. Then it prints the ratios the performance
-targets are stated in, and measures the audited HTTP client against plain
-httpx and a worker's memory over many distinct states.
+each) it keeps the median throughput of ``--repeats`` runs. The repeats
+alternate: every combination runs once before any runs again, so a noisy
+moment of a shared machine is spread over all strategies. Every run's indices
+are checked: no duplicate (state, index), and for callindex exactly 0..N-1 per
+state. Each worker also measures its client CPU time (``time.process_time``).
+Then it prints the ratios the performance targets are stated in, and measures
+the audited HTTP client against plain httpx and a worker's memory over many
+distinct states.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,9 @@ from callindex.loopback import LoopbackAPI
 
 SPAWN = multiprocessing.get_context("spawn")
 CALLINDEX = frozenset(
-    {"allocate", "allocate_100", "record_call", "record_call_driver", "begin_finish"}
+    {"allocate", "allocate_100", "record_call", "record_call_early", "begin_finish"}
 )
+BLOCKS = {"allocate_100": 100, "raw_update_100": 100}
 
 
 @dataclass
@@ -53,12 +57,18 @@ class Measurement:
     strategy: str
     mode: str
     workers: int
-    runs: list[float]
-    retries: int
+    runs: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    retries: int = 0
 
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
+
+    @property
+    def median_cpu_us(self) -> float:
+        """Median client CPU time per operation, in microseconds."""
+        return statistics.median(self.cpu_us)
 
 
 def _worker_main(tasks: Any, results: Any, ready: Any, go: Any) -> None:
@@ -77,6 +87,7 @@ def _worker_main(tasks: Any, results: Any, ready: Any, go: Any) -> None:
                     "indices": got,
                     "started": job.started,
                     "finished": job.finished,
+                    "cpu_seconds": job.cpu_seconds,
                     "retries": job.retries,
                 }
             )
@@ -135,36 +146,34 @@ def check_indices(strategy: str, outcomes: list[dict[str, Any]]) -> None:
                 raise AssertionError(f"{strategy}: {state_id} is not exactly 0..N-1")
 
 
-def measure(
-    pool: Pool, url: str, strategy: str, mode: str, workers: int, operations: int, repeats: int
-) -> Measurement:
-    runs, retries = [], 0
-    for _ in range(repeats):
-        run_id = uuid.uuid4().hex[:10]
-        jobs = [
-            asdict(
-                Job(
-                    url=url,
-                    strategy=strategy,
-                    operations=operations,
-                    worker=w,
-                    workers=workers,
-                    state_id=f"b-{run_id}-hot" if mode == "hot" else f"b-{run_id}-{w}",
-                )
+def measure_once(pool: Pool, url: str, measurement: Measurement, operations: int) -> None:
+    """One run of one combination, added to ``measurement``."""
+    strategy, mode, workers = measurement.strategy, measurement.mode, measurement.workers
+    run_id = uuid.uuid4().hex[:10]
+    jobs = [
+        asdict(
+            Job(
+                url=url,
+                strategy=strategy,
+                operations=operations,
+                worker=w,
+                workers=workers,
+                state_id=f"b-{run_id}-hot" if mode == "hot" else f"b-{run_id}-{w}",
             )
-            for w in range(workers)
-        ]
-        for job in jobs:
-            for local in ("ready", "go", "started", "finished", "retries", "closers"):
-                del job[local]
-        prepare(url, strategy, {j["state_id"] for j in jobs})
-        outcomes = pool.run(jobs)
-        check_indices(strategy, outcomes)
-        elapsed = max(o["finished"] for o in outcomes) - min(o["started"] for o in outcomes)
-        unit = 100 if strategy == "allocate_100" else 1
-        runs.append(workers * operations * unit / elapsed)
-        retries += sum(o["retries"] for o in outcomes)
-    return Measurement(strategy, mode, workers, runs, retries)
+        )
+        for w in range(workers)
+    ]
+    for job in jobs:
+        for local in ("ready", "go", "started", "finished", "cpu_seconds", "retries", "closers"):
+            del job[local]
+    prepare(url, strategy, {j["state_id"] for j in jobs})
+    outcomes = pool.run(jobs)
+    check_indices(strategy, outcomes)
+    elapsed = max(o["finished"] for o in outcomes) - min(o["started"] for o in outcomes)
+    measurement.runs.append(workers * operations * BLOCKS.get(strategy, 1) / elapsed)
+    cpu = sum(o["cpu_seconds"] for o in outcomes)
+    measurement.cpu_us.append(cpu / (workers * operations) * 1e6)
+    measurement.retries += sum(o["retries"] for o in outcomes)
 
 
 def http_overhead(url: str, calls: int = 200) -> dict[str, float]:
@@ -225,84 +234,79 @@ def memory_growth(url: str, states: int) -> dict[str, float]:
     }
 
 
+Key = tuple[str, str, int]
+
+
+def targets(backend: str, workers: list[int]) -> list[tuple[str, Key, Key, float]]:
+    """Each performance target as (label, measured, compared with, lowest ratio)."""
+    few, most = min(workers), max(workers)
+    if backend == "postgresql":
+        rows = [
+            ("record_call / bare insert", ("record_call", "distinct", few),
+             ("bare_insert", "distinct", few), 0.8),
+            ("record_call / bare insert", ("record_call", "distinct", most),
+             ("bare_insert", "distinct", most), 0.8),
+            ("record_call hot / bare insert distinct", ("record_call", "hot", most),
+             ("bare_insert", "distinct", most), 0.7),
+            ("record_call early release hot / bare insert distinct",
+             ("record_call_early", "hot", most), ("bare_insert", "distinct", most), 0.7),
+            ("begin+finish / insert+update", ("begin_finish", "distinct", few),
+             ("bare_insert_update", "distinct", few), 0.8),
+            ("begin+finish / insert+update", ("begin_finish", "distinct", most),
+             ("bare_insert_update", "distinct", most), 0.8),
+            ("allocate / raw UPDATE", ("allocate", "distinct", few),
+             ("raw_update", "distinct", few), 0.9),
+            ("allocate / raw UPDATE", ("allocate", "distinct", most),
+             ("raw_update", "distinct", most), 0.9),
+            ("allocate / raw UPDATE, hot", ("allocate", "hot", most),
+             ("raw_update", "hot", most), 0.9),
+            ("allocate count=100 / raw UPDATE +100", ("allocate_100", "distinct", few),
+             ("raw_update_100", "distinct", few), 0.9),
+            ("allocate count=100 / raw UPDATE +100", ("allocate_100", "distinct", most),
+             ("raw_update_100", "distinct", most), 0.9),
+            ("allocate / django-sequences, hot", ("allocate", "hot", most),
+             ("django_sequences", "hot", most), 2.0),
+            ("allocate / max+1 with retry, hot", ("allocate", "hot", most),
+             ("max_plus_one", "hot", most), 5.0),
+        ]  # fmt: skip
+    else:
+        rows = [
+            ("record_call / bare insert", ("record_call", "distinct", few),
+             ("bare_insert", "distinct", few), 0.85),
+            ("record_call / bare insert", ("record_call", "distinct", most),
+             ("bare_insert", "distinct", most), 0.85),
+            ("record_call / bare insert, hot", ("record_call", "hot", most),
+             ("bare_insert", "hot", most), 0.85),
+            ("begin+finish / insert+update", ("begin_finish", "distinct", few),
+             ("bare_insert_update", "distinct", few), 0.8),
+            ("allocate / raw UPDATE", ("allocate", "distinct", few),
+             ("raw_update", "distinct", few), 0.9),
+        ]  # fmt: skip
+    return rows
+
+
 def ratios(measurements: list[Measurement], backend: str) -> list[dict[str, Any]]:
     """The performance targets, each as measured ratio against its threshold."""
-    table = {(m.strategy, m.mode, m.workers): m.median for m in measurements}
-
-    def ratio(a: tuple[str, str, int], b: tuple[str, str, int]) -> float | None:
-        return table[a] / table[b] if a in table and b in table else None
-
-    most = max(m.workers for m in measurements)
+    table = {(m.strategy, m.mode, m.workers): m for m in measurements}
+    workers = sorted({m.workers for m in measurements})
     rows = []
-    if backend == "postgresql":
-        wanted = [
-            (
-                "record_call / bare insert, 1 worker, distinct",
-                ("record_call", "distinct", 1),
-                ("bare_insert", "distinct", 1),
-                0.95,
-            ),
-            (
-                f"record_call / bare insert, {most} workers, distinct",
-                ("record_call", "distinct", most),
-                ("bare_insert", "distinct", most),
-                0.95,
-            ),
-            (
-                f"record_call hot / bare insert distinct, {most} workers",
-                ("record_call", "hot", most),
-                ("bare_insert", "distinct", most),
-                0.7,
-            ),
-            (
-                f"allocate / django-sequences, hot, {most} workers",
-                ("allocate", "hot", most),
-                ("django_sequences", "hot", most),
-                2.0,
-            ),
-            (
-                f"allocate / max+1 with retry, hot, {most} workers",
-                ("allocate", "hot", most),
-                ("max_plus_one", "hot", most),
-                5.0,
-            ),
-        ]
-    else:
-        four = 4 if any(m.workers == 4 for m in measurements) else most
-        wanted = [
-            (
-                f"record_call / bare insert, {four} workers, distinct",
-                ("record_call", "distinct", four),
-                ("bare_insert", "distinct", four),
-                0.85,
-            ),
-            (
-                f"record_call / bare insert, {four} workers, hot",
-                ("record_call", "hot", four),
-                ("bare_insert", "hot", four),
-                0.85,
-            ),
-        ]
-    for label, a, b, target in wanted:
-        value = ratio(a, b)
-        rows.append(
-            {
-                "ratio": label,
-                "value": value,
-                "target": target,
-                "met": None if value is None else value >= target,
-            }
+    for label, a, b, target in targets(backend, workers):
+        value = table[a].median / table[b].median if a in table and b in table else None
+        rows.append(_row(f"{label}, {a[2]}w {a[1]}", value, target, at_least=True))
+    for count in workers:
+        a, b = ("record_call", "distinct", count), ("bare_insert", "distinct", count)
+        value = (
+            table[a].median_cpu_us / table[b].median_cpu_us if a in table and b in table else None
         )
-    best_block = max((v for (s, _, _), v in table.items() if s == "allocate_100"), default=None)
-    rows.append(
-        {
-            "ratio": "allocate(count=100) indices/s (best)",
-            "value": best_block,
-            "target": 1_000_000,
-            "met": None if best_block is None else best_block >= 1_000_000,
-        }
-    )
+        rows.append(
+            _row(f"client CPU record_call / bare insert, {count}w", value, 2.0, at_least=False)
+        )
     return rows
+
+
+def _row(label: str, value: float | None, target: float, *, at_least: bool) -> dict[str, Any]:
+    met = None if value is None else (value >= target if at_least else value <= target)
+    return {"ratio": label, "value": value, "target": target, "at_least": at_least, "met": met}
 
 
 def trigger_cost(measurements: list[Measurement]) -> list[dict[str, Any]]:
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="hot,distinct")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--operations", type=int, default=300, help="per worker and run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-states", type=int, default=100_000)
     parser.add_argument("--http-calls", type=int, default=200)
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -366,26 +370,38 @@ def main(argv: list[str] | None = None) -> int:
             )
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     pool = Pool(max(workers))
-    measurements = []
+    measurements = [
+        Measurement(strategy, mode, count)
+        for strategy in strategies
+        for mode in args.modes.split(",")
+        for count in workers
+    ]
     try:
-        for strategy in strategies:
-            for mode in args.modes.split(","):
-                for count in workers:
-                    m = measure(pool, url, strategy, mode, count, args.operations, args.repeats)
-                    measurements.append(m)
-                    log(f"{strategy:>18} {mode:>8} {count} workers: {m.median:12,.0f}/s")
+        for repeat in range(1, args.repeats + 1):
+            for m in measurements:
+                measure_once(pool, url, m, args.operations)
+                log(
+                    f"{repeat}/{args.repeats} {m.strategy:>18} {m.mode:>8} {m.workers} workers: "
+                    f"{m.runs[-1]:12,.0f}/s, {m.cpu_us[-1]:6.0f} µs CPU per operation"
+                )
     finally:
         pool.close()
     report: dict[str, Any] = {
         "database": backend,
         "operations_per_worker": args.operations,
         "repeats": args.repeats,
-        "measurements": [asdict(m) | {"median": m.median} for m in measurements],
+        "measurements": [
+            asdict(m) | {"median": m.median, "median_cpu_us": m.median_cpu_us} for m in measurements
+        ],
         "ratios": ratios(measurements, backend),
         "trigger_cost": trigger_cost(measurements),
     }
     if args.http_calls:
         report["http"] = http_overhead(url, args.http_calls)
+        report["ratios"].append(
+            _row("audited GET: added ms over plain httpx (p50)", report["http"]["added_ms"],
+                 1.0, at_least=False)
+        )  # fmt: skip
     if args.memory_states:
         report["memory"] = memory_growth(url, args.memory_states)
     if args.save:
@@ -406,33 +422,43 @@ def print_report(
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"median operations/s on {report['database']}, {report['repeats']} repeats")
-    table.add_column("strategy")
-    table.add_column("mode")
-    for count in workers:
-        table.add_column(f"{count}w", justify="right")
     keys = sorted(
         {(m.strategy, m.mode) for m in measurements},
         key=lambda k: (list(STRATEGIES).index(k[0]), k[1]),
     )
-    cells = {(m.strategy, m.mode, m.workers): m.median for m in measurements}
-    for strategy, mode in keys:
-        table.add_row(
-            strategy,
-            mode,
-            *[
-                f"{cells[(strategy, mode, c)]:,.0f}" if (strategy, mode, c) in cells else "-"
-                for c in workers
-            ],
+
+    def grid(title: str, cells: dict[tuple[str, str, int], float]) -> Table:
+        table = Table(title=title)
+        table.add_column("strategy")
+        table.add_column("mode")
+        for count in workers:
+            table.add_column(f"{count}w", justify="right")
+        for strategy, mode in keys:
+            row = [cells.get((strategy, mode, c)) for c in workers]
+            table.add_row(strategy, mode, *["-" if v is None else f"{v:,.0f}" for v in row])
+        return table
+
+    repeats = report["repeats"]
+    console.print(
+        grid(
+            f"median operations/s on {report['database']}, {repeats} alternating repeats",
+            {(m.strategy, m.mode, m.workers): m.median for m in measurements},
         )
-    console.print(table)
+    )
+    console.print(
+        grid(
+            "median client CPU µs per operation",
+            {(m.strategy, m.mode, m.workers): m.median_cpu_us for m in measurements},
+        )
+    )
     targets = Table(title="targets (ratios from this run)")
     for column in ("ratio", "measured", "target", "met"):
         targets.add_column(column)
     for row in report["ratios"]:
         value = "-" if row["value"] is None else f"{row['value']:,.2f}"
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "n/a"}[row["met"]]
-        targets.add_row(row["ratio"], value, f"{row['target']:,}", met)
+        bound = "≥" if row["at_least"] else "≤"
+        targets.add_row(row["ratio"], value, f"{bound} {row['target']:,}", met)
     console.print(targets)
     for row in report.get("trigger_cost", []):
         console.print(

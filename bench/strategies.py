@@ -20,7 +20,8 @@ from typing import Any
 import psycopg
 from sqlalchemy import make_url
 
-from callindex import CallRecorder, DatabaseRetryPolicy
+from callindex import CallRecorder, DatabaseRetryPolicy, migrations
+from callindex.database import Database
 
 REQUEST = {"method": "POST", "url": "https://api.example/v1/items", "body": {"q": "x" * 64}}
 RESPONSE = {"status_code": 200, "body": {"id": 7, "items": list(range(10))}}
@@ -44,6 +45,7 @@ class Job:
     go: Callable[[], None] = field(repr=False, default=lambda: None)
     started: float = 0.0
     finished: float = 0.0
+    cpu_seconds: float = 0.0
     retries: int = 0
     closers: list[Callable[[], object]] = field(repr=False, default_factory=list)
 
@@ -55,9 +57,11 @@ class Job:
         self.ready()
         self.go()
         self.started = time.monotonic()
+        cpu = time.process_time()
         try:
             got = loop()
             self.finished = time.monotonic()
+            self.cpu_seconds = time.process_time() - cpu
         finally:
             for close in self.closers:  # the worker process lives on: no leaked connections
                 close()
@@ -139,6 +143,7 @@ def _client_indexed_inserts(job: Job, table: str) -> list[tuple[str, int]]:
                         RESPONSE_TEXT,
                         _HASH,
                     ),
+                    prepare=True,
                 )
             return [(job.state_id, i) for i in indices]
 
@@ -154,6 +159,95 @@ def _client_indexed_inserts(job: Job, table: str) -> list[tuple[str, int]]:
             )
             lite.execute("COMMIT")
         return [(job.state_id, i) for i in indices]
+
+    return job.timed(loop_sqlite)
+
+
+def bare_insert_update(job: Job) -> list[tuple[str, int]]:
+    """The floor of begin_call + finish_call: insert a pending row, then update it
+    to finished, as two statements that each commit."""
+    indices = [_client_index(job, k) for k in range(job.operations)]
+    insert = _insert_sql(job.backend, PLAIN_TABLE).replace("'success'", "'pending'")
+    if job.backend == "postgresql":
+        update = (
+            f"UPDATE {PLAIN_TABLE} SET status = 'success', response = %s::jsonb, "
+            "response_hash = %s, latency_ms = 12.5, completed_at = now() WHERE call_id = %s"
+        )
+        conn = _psycopg(job.url, job)
+
+        def loop() -> list[tuple[str, int]]:
+            for index in indices:
+                call_id = uuid.uuid4().hex
+                conn.execute(
+                    insert,
+                    (call_id, job.state_id, index, REQUEST_TEXT, _HASH, None, None),
+                    prepare=True,
+                )
+                conn.execute(update, (RESPONSE_TEXT, _HASH, call_id), prepare=True)
+            return [(job.state_id, i) for i in indices]
+
+        return job.timed(loop)
+    update = (
+        f"UPDATE {PLAIN_TABLE} SET status = 'success', response = ?, response_hash = ?, "
+        "latency_ms = 12.5, completed_at = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE call_id = ?"
+    )
+    lite = _sqlite(job)
+
+    def loop_sqlite() -> list[tuple[str, int]]:
+        for index in indices:
+            call_id = uuid.uuid4().hex
+            lite.execute("BEGIN IMMEDIATE")
+            lite.execute(insert, (call_id, job.state_id, index, REQUEST_TEXT, _HASH, None, None))
+            lite.execute("COMMIT")
+            lite.execute("BEGIN IMMEDIATE")
+            lite.execute(update, (RESPONSE_TEXT, _HASH, call_id))
+            lite.execute("COMMIT")
+        return [(job.state_id, i) for i in indices]
+
+    return job.timed(loop_sqlite)
+
+
+def raw_update(job: Job) -> list[tuple[str, int]]:
+    """The floor of allocation: the prepared counter UPDATE ... RETURNING, autocommit."""
+    return _raw_updates(job, 1)
+
+
+def raw_update_100(job: Job) -> list[tuple[str, int]]:
+    """The floor of allocate_100: the same UPDATE reserving 100 at a time."""
+    return _raw_updates(job, 100)
+
+
+def _raw_updates(job: Job, count: int) -> list[tuple[str, int]]:
+    if job.backend == "postgresql":
+        conn = _psycopg(job.url, job)
+        update = (
+            "UPDATE call_index_counters SET next_index = next_index + %s "
+            "WHERE state_id = %s RETURNING next_index - %s"
+        )
+
+        def loop() -> list[tuple[str, int]]:
+            got = []
+            for _ in range(job.operations):
+                row = conn.execute(update, (count, job.state_id, count), prepare=True).fetchone()
+                assert row is not None
+                got.extend((job.state_id, int(row[0]) + k) for k in range(count))
+            return got
+
+        return job.timed(loop)
+    lite = _sqlite(job)
+    update_sqlite = (
+        "UPDATE call_index_counters SET next_index = next_index + ? "
+        "WHERE state_id = ? RETURNING next_index - ?"
+    )
+
+    def loop_sqlite() -> list[tuple[str, int]]:
+        got = []
+        for _ in range(job.operations):
+            lite.execute("BEGIN IMMEDIATE")
+            row = lite.execute(update_sqlite, (count, job.state_id, count)).fetchone()
+            lite.execute("COMMIT")
+            got.extend((job.state_id, int(row[0]) + k) for k in range(count))
+        return got
 
     return job.timed(loop_sqlite)
 
@@ -184,9 +278,20 @@ def prepare(url: str, strategy: str, state_ids: set[str]) -> None:
         with _psycopg(url) as conn:
             for state_id in state_ids:
                 conn.execute(f"CREATE SEQUENCE {sequence_name(state_id)}")
-    elif strategy in ("bare_insert", "max_plus_one"):
+    elif strategy in ("bare_insert", "bare_insert_update", "max_plus_one"):
         create_plain_table(url)
-    elif strategy == "legacy_insert":
+    elif strategy in ("raw_update", "raw_update_100"):
+        with CallRecorder(url) as recorder:
+            for state_id in state_ids:
+                recorder.open_state(state_id)
+    # legacy_insert measures the numbering trigger of legacy-writers mode; every
+    # other strategy runs without it, as a database without legacy writers does.
+    database = Database(url)
+    try:
+        migrations.set_legacy_writers(database, strategy == "legacy_insert")
+    finally:
+        database.dispose()
+    if strategy == "legacy_insert":
         with CallRecorder(url) as recorder:
             for state_id in state_ids:
                 recorder.open_state(state_id)
@@ -213,8 +318,12 @@ def create_plain_table(url: str) -> None:
     lite.close()
 
 
-def _recorder(job: Job) -> CallRecorder:
-    recorder = CallRecorder(job.url, retry=DatabaseRetryPolicy(max_attempts=50, max_seconds=120))
+def _recorder(job: Job, *, early_release: bool = False) -> CallRecorder:
+    recorder = CallRecorder(
+        job.url,
+        retry=DatabaseRetryPolicy(max_attempts=50, max_seconds=120),
+        early_release=early_release,
+    )
     recorder.open_state(job.state_id)  # also connects, outside the timing
     job.closers.append(recorder.close)
     return recorder
@@ -245,7 +354,15 @@ def allocate_100(job: Job) -> list[tuple[str, int]]:
 
 
 def record_call(job: Job) -> list[tuple[str, int]]:
-    recorder = _recorder(job)
+    return _record_calls(job, _recorder(job))
+
+
+def record_call_early(job: Job) -> list[tuple[str, int]]:
+    """record_call with early lock release (PostgreSQL)."""
+    return _record_calls(job, _recorder(job, early_release=True))
+
+
+def _record_calls(job: Job, recorder: CallRecorder) -> list[tuple[str, int]]:
     return job.timed(
         lambda: [
             (
@@ -257,38 +374,6 @@ def record_call(job: Job) -> list[tuple[str, int]]:
             for _ in range(job.operations)
         ]
     )
-
-
-def record_call_driver(job: Job) -> list[tuple[str, int]]:
-    """callindex's record_call statement and early-release script sent straight
-    through psycopg, without the library's Python layer (validation, payload
-    canonicalisation, pooling, retries): what the design costs the database."""
-    from callindex.database import _EARLY_RELEASE, Database
-
-    database = Database(job.url)
-    script = _EARLY_RELEASE.format(statement=database.driver_sql("record_call"))
-    database.dispose()
-    CallRecorder(job.url).open_state(job.state_id)
-    conn = _psycopg(job.url, job)
-    parameters = {
-        "state_id": job.state_id, "call_type": "http", "status": "success",
-        "request": REQUEST_TEXT, "request_hash": _HASH, "response": RESPONSE_TEXT,
-        "response_hash": _HASH, "error": None, "error_hash": None, "latency_ms": 12.5,
-    }  # fmt: skip
-
-    def loop() -> list[tuple[str, int]]:
-        got = []
-        for _ in range(job.operations):
-            with psycopg.ClientCursor(conn) as cursor:
-                cursor.execute(script, {**parameters, "call_id": uuid.uuid4().hex})
-                cursor.nextset()
-                cursor.nextset()
-                row = cursor.fetchone()
-                assert row is not None
-                got.append((job.state_id, int(row[2])))
-        return got
-
-    return job.timed(loop)
 
 
 def begin_finish(job: Job) -> list[tuple[str, int]]:
@@ -420,17 +505,20 @@ def django_sequences_available() -> bool:
 
 STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "bare_insert": bare_insert,
+    "bare_insert_update": bare_insert_update,
+    "raw_update": raw_update,
+    "raw_update_100": raw_update_100,
     "legacy_insert": legacy_insert,
     "nextval": nextval,
     "allocate": allocate,
     "allocate_100": allocate_100,
     "record_call": record_call,
-    "record_call_driver": record_call_driver,
+    "record_call_early": record_call_early,
     "begin_finish": begin_finish,
     "max_plus_one": max_plus_one,
     "select_for_update": select_for_update,
     "django_sequences": django_sequences,
 }
 POSTGRESQL_ONLY = frozenset(
-    {"nextval", "max_plus_one", "select_for_update", "django_sequences", "record_call_driver"}
+    {"nextval", "max_plus_one", "select_for_update", "django_sequences", "record_call_early"}
 )

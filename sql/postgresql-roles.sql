@@ -12,20 +12,24 @@
 --     CREATE ROLE audit_reader LOGIN PASSWORD '...' IN ROLE callindex_auditor;
 --
 -- callindex_app, the pipelines' role, may
---   * SELECT and INSERT calls, and read the counters. Every insert goes
---     through the numbering trigger (migration 0004): without a call_index it
---     gets the counter's next; an index already recorded is renumbered; one
---     ahead of the counter moves it (at most 1,000,000 ahead, as
---     callindex_allocate reserves at most 1,000,000 at a time: each step is
---     bounded, not their sum, so grant the role to your pipelines only);
---     recorded_by is set to the login role, whatever the insert says;
---   * open states, allocate indices, record calls and finish its own pending
---     calls only through callindex's SECURITY DEFINER functions
---     (callindex_open_state, callindex_allocate / callindex_reserve,
---     callindex_record_call, callindex_finish_call), each pinned to this
+--   * SELECT calls and INSERT them, with every column but recorded_by, which
+--     the database sets to the login role (session_user);
+--   * read the counters and move one forward (UPDATE of next_index), as
+--     callindex's write path does: the counter guard refuses a move back, a
+--     move of more than 1,000,000 at once (each step is bounded, not their
+--     sum, so grant the role to your pipelines only), another state_id, and
+--     any DELETE or TRUNCATE;
+--   * open states and finish its own pending calls only through callindex's
+--     SECURITY DEFINER functions (callindex_open_state, callindex_finish_call;
+--     callindex_allocate, callindex_reserve and callindex_record_call serve
+--     SQL callers and workers of earlier versions), each pinned to this
 --     schema's search_path. A pending call is finished only by the login
 --     role that recorded it (calls.recorded_by).
--- It may not UPDATE, DELETE or TRUNCATE calls, nor write a counter directly.
+-- In legacy-writers mode (`callindex db legacy-writers on`) every insert goes
+-- through the numbering trigger: without a call_index it gets the counter's
+-- next; an index already recorded is renumbered; one ahead of the counter
+-- moves it (at most 1,000,000 ahead).
+-- It may not UPDATE, DELETE or TRUNCATE calls, nor create or delete a counter.
 -- Sweeping, repairing and migrating stay with the owner.
 --
 -- callindex_auditor may read calls, counters and the schema revision, and
@@ -52,8 +56,13 @@ $$;
 REVOKE ALL ON calls, call_index_counters, callindex_alembic_version
     FROM callindex_app, callindex_auditor;
 
-GRANT SELECT, INSERT ON calls TO callindex_app;
-GRANT SELECT ON call_index_counters, callindex_alembic_version TO callindex_app;
+GRANT SELECT ON calls TO callindex_app;
+GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request_hash,
+              response, response_hash, error, error_hash, latency_ms, created_at,
+              completed_at)
+    ON calls TO callindex_app;
+GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
+GRANT SELECT ON callindex_alembic_version TO callindex_app;
 GRANT EXECUTE ON FUNCTION
     callindex_open_state(text),
     callindex_reserve(text, integer),

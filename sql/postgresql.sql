@@ -366,5 +366,31 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0004' WHERE callindex_alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+CREATE OR REPLACE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward, by at most 1000000 at '
+        'a time, and is never deleted (% on call_index_counters)', TG_OP
+        USING ERRCODE = 'CX001';
+END;
+$$;
+
+DROP TRIGGER callindex_guard_counters ON call_index_counters;
+
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters FOR EACH ROW WHEN (NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + 1000000 OR NEW.state_id <> OLD.state_id) EXECUTE FUNCTION callindex_guard_counters();
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM calls) THEN
+        DROP TRIGGER IF EXISTS callindex_number_call ON calls;
+    END IF;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
+
 COMMIT;
 

@@ -3,35 +3,69 @@
 -- open_state --
 -- Create the counter row of a state (past any calls it already has); a no-op
 -- when it exists. callindex_open_state (migration 0004).
-SELECT callindex_open_state(CAST(:state_id AS text));
+SELECT callindex_open_state(CAST(:state_id AS text))
+FROM (SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)) AS durable;
 
 -- allocate_call_index --
 -- Reserve :count consecutive indices in one atomic UPDATE and return the first;
--- no row for an unknown state. callindex_reserve (migration 0004).
-SELECT callindex_reserve AS first_index
-FROM callindex_reserve(CAST(:state_id AS text), CAST(:count AS integer));
+-- no row for an unknown state. Every write statement sets synchronous_commit
+-- for its own transaction ('on' unless early lock release flushes after it),
+-- whatever the server, database, role or session default.
+WITH durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+UPDATE call_index_counters
+SET next_index = next_index + CAST(:count AS bigint)
+FROM durable
+WHERE state_id = CAST(:state_id AS text)
+RETURNING next_index - CAST(:count AS bigint) AS first_index;
 
--- record_call --
--- Allocate and insert in one statement (callindex_record_call, migration 0004).
--- When :call_id is recorded already the counter is left alone and the recorded
--- call comes back. No row at all: the state is unknown. A concurrent insert of
--- the same :call_id fails this statement as a whole on pk_calls, so its counter
--- bump rolls back too; the caller then retries and finds the call.
-SELECT * FROM callindex_record_call(
-    CAST(:call_id AS text), CAST(:state_id AS text), CAST(:call_type AS text),
-    CAST(:status AS text), CAST(:request AS jsonb), CAST(:request_hash AS text),
-    CAST(:response AS jsonb), CAST(:response_hash AS text), CAST(:error AS jsonb),
-    CAST(:error_hash AS text), CAST(:latency_ms AS double precision)
-);
+-- insert_call --
+-- record_call and begin_call: allocate the state's next index and insert the
+-- call with it, in one statement. No row: the state is unknown. A call_id
+-- recorded already fails the statement as a whole (its counter bump too).
+WITH counter AS (
+    UPDATE call_index_counters SET next_index = next_index + 1
+    WHERE state_id = CAST(:state_id AS text)
+    RETURNING next_index - 1 AS call_index
+), durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+INSERT INTO calls (
+    call_id, state_id, call_index, call_type, status,
+    request, request_hash, response, response_hash, error, error_hash,
+    latency_ms, created_at, completed_at
+)
+SELECT CAST(:call_id AS text), CAST(:state_id AS text), counter.call_index,
+       CAST(:call_type AS text), CAST(:status AS text),
+       CAST(:request AS jsonb), CAST(:request_hash AS text),
+       CAST(:response AS jsonb), CAST(:response_hash AS text),
+       CAST(:error AS jsonb), CAST(:error_hash AS text),
+       CAST(:latency_ms AS double precision),
+       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END
+FROM counter, durable
+RETURNING call_index, created_at, completed_at;
+
+-- flush_commits --
+-- Early lock release: a transaction that writes one WAL record and commits
+-- synchronously, so it returns only once the log is on disk past every
+-- commit before it (the asynchronous one of the same pipeline included).
+SELECT pg_logical_emit_message(true, 'callindex', '')
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable;
 
 -- finish_call --
 -- Complete a pending call; no row when it is not pending (or unknown).
 -- callindex_finish_call (migration 0004).
-SELECT * FROM callindex_finish_call(
+WITH durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+SELECT finished.call_id, finished.state_id, finished.call_index, finished.call_type,
+       finished.request, finished.request_hash, finished.created_at, finished.completed_at
+FROM durable, callindex_finish_call(
     CAST(:call_id AS text), CAST(:status AS text), CAST(:response AS jsonb),
     CAST(:response_hash AS text), CAST(:error AS jsonb), CAST(:error_hash AS text),
     CAST(:latency_ms AS double precision)
-);
+) AS finished;
 
 -- sweep_pending --
 -- Mark pending calls older than :seconds abandoned, oldest first; only those of

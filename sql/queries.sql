@@ -10,6 +10,9 @@ SELECT call_id, state_id, call_index, call_type, status,
 FROM calls
 WHERE call_id = :call_id;
 
+-- find_call_index --
+SELECT call_index, created_at, completed_at FROM calls WHERE call_id = :call_id;
+
 -- calls_of_state --
 SELECT call_id, state_id, call_index, call_type, status,
        request, request_hash, response, response_hash, error, error_hash,

@@ -17,8 +17,9 @@ WHERE state_id = :state_id
 RETURNING next_index - :count AS first_index;
 
 -- insert_call --
--- The second half of record_call, after find_call and allocate_call_index
--- in the same BEGIN IMMEDIATE transaction.
+-- The second half of record_call and begin_call, after allocate_call_index
+-- in the same BEGIN IMMEDIATE transaction. No row: the numbering trigger of
+-- legacy-writers mode found the index taken and recorded the call at the next.
 INSERT INTO calls (
     call_id, state_id, call_index, call_type, status,
     request, request_hash, response, response_hash, error, error_hash,
@@ -30,9 +31,7 @@ VALUES (
     :latency_ms, strftime('%Y-%m-%d %H:%M:%f', 'now'),
     CASE WHEN :status = 'pending' THEN NULL ELSE strftime('%Y-%m-%d %H:%M:%f', 'now') END
 )
-RETURNING call_id, state_id, call_index, call_type, status,
-          request, request_hash, response, response_hash, error, error_hash,
-          latency_ms, created_at, completed_at;
+RETURNING call_index, created_at, completed_at;
 
 -- finish_call --
 UPDATE calls
@@ -42,9 +41,8 @@ SET status = :status,
     latency_ms = :latency_ms,
     completed_at = strftime('%Y-%m-%d %H:%M:%f', 'now')
 WHERE call_id = :call_id AND status = 'pending'
-RETURNING call_id, state_id, call_index, call_type, status,
-          request, request_hash, response, response_hash, error, error_hash,
-          latency_ms, created_at, completed_at;
+RETURNING call_id, state_id, call_index, call_type, request, request_hash,
+          created_at, completed_at;
 
 -- sweep_pending --
 UPDATE calls

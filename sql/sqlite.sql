@@ -140,5 +140,30 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0004' WHERE callindex_alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+DROP TRIGGER callindex_guard_counters;
+
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
+WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + 1000000
+     OR NEW.state_id IS NOT OLD.state_id
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter may only move forward, by at most 1000000 at a time');
+END;
+
+DROP TRIGGER IF EXISTS callindex_number_call_missing;
+
+DROP TRIGGER IF EXISTS callindex_number_call_taken;
+
+DROP TRIGGER IF EXISTS callindex_number_call_given;
+
+CREATE TRIGGER callindex_guard_calls_replace_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_index taken: the counter is behind its calls');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
+
 COMMIT;
 

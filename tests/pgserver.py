@@ -54,7 +54,10 @@ def _text(output: str | bytes | None) -> str:
 
 
 class ThrowawayPostgres:
-    def __init__(self, root: Path, bin_dir: Path, port: int) -> None:
+    def __init__(
+        self, root: Path, bin_dir: Path, port: int, settings: dict[str, object] | None = None
+    ) -> None:
+        self.extra_settings = settings or {}
         self.root = root  # owned by postgres; holds data/, the unix socket and server.log
         self.bin_dir = bin_dir
         self.port = port
@@ -96,6 +99,7 @@ class ThrowawayPostgres:
             "max_connections": 50,
             "shared_buffers": "32MB",
             "logging_collector": "off",  # pg_ctl -l writes the log
+            **self.extra_settings,
         }
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
@@ -127,8 +131,9 @@ class ThrowawayPostgres:
 
 
 @contextmanager
-def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
-    """initdb into a temp folder, start on a free 127.0.0.1 port, yield, stop and delete."""
+def throwaway_postgres(**settings: object) -> Iterator[ThrowawayPostgres]:
+    """initdb into a temp folder, start on a free 127.0.0.1 port, yield, stop and delete.
+    ``settings`` go to postgresql.conf, after (and over) the defaults."""
     bin_dir = _bin_dir()
     if bin_dir is None:
         raise RuntimeError("no /usr/lib/postgresql/<version>/bin/initdb found")
@@ -136,7 +141,7 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     root = Path(tempfile.mkdtemp(prefix="callindex-pg-"))
     try:
         os.chown(root, user.pw_uid, user.pw_gid)
-        server = ThrowawayPostgres(root, bin_dir, _free_port())
+        server = ThrowawayPostgres(root, bin_dir, _free_port(), settings)
         server.init()
         try:
             server.start()

@@ -1,18 +1,29 @@
-"""Writers that pick their own indices, during a rolling deploy: the numbering
-trigger makes the state's counter the single source of truth for every insert
-into calls, callindex's or not. Both backends."""
+"""Writers that pick their own indices, during a rolling deploy: in
+legacy-writers mode the numbering trigger makes the state's counter the
+single source of truth for every insert into calls, callindex's or not.
+Both backends."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy import create_engine, exc, text
 
-from callindex import CallRecorder, adoption
+from callindex import CallRecorder, adoption, migrations
 from callindex.database import Database
 
 from conftest import call_rows, counter_value
 from legacy import create_legacy_database
 from workers import run_workers, write_as
+
+
+@pytest.fixture(autouse=True)
+def legacy_writers_mode(request: pytest.FixtureRequest) -> None:
+    """Every database of these tests is in legacy-writers mode."""
+    for name in ("db_url", "postgresql_url", "sqlite_url"):
+        if name in request.fixturenames:
+            database = Database(request.getfixturevalue(name))
+            migrations.set_legacy_writers(database, True)
+            database.dispose()
 
 
 def insert(url: str, call_id: str, state_id: str, call_index: int | None) -> None:
@@ -101,8 +112,10 @@ class TestTheTrigger:
         recorder.open_state("s")
         with pytest.raises(exc.DBAPIError, match="more than 1000000 ahead"):
             insert(db_url, "far", "s", 1_000_001)
-        insert(db_url, "near", "s", 1_000_000)
-        assert counter_value(db_url, "s") == 1_000_001
+        with pytest.raises(exc.DBAPIError, match="by at most 1000000 at a time"):
+            insert(db_url, "edge", "s", 1_000_000)  # the counter would move 1,000,001
+        insert(db_url, "near", "s", 999_999)
+        assert counter_value(db_url, "s") == 1_000_000
 
 
 def test_postgresql_repeatable_read_writer_is_told_to_retry_not_refused(
@@ -145,7 +158,7 @@ def adopted_url(request: pytest.FixtureRequest) -> str:
     """A legacy database (3 states of 20 calls) adopted by callindex."""
     url: str = request.getfixturevalue(f"{request.param}_empty_url")
     create_legacy_database(url, states=3, calls_per_state=20)
-    adoption.adopt(Database(url))
+    adoption.adopt(Database(url), legacy_writers=True)
     return url
 
 

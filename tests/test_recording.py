@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import event, exc, text
+from sqlalchemy import exc, text
 
 from callindex import (
     CallAlreadyFinishedError,
@@ -18,7 +20,9 @@ from callindex import (
     CounterBehindError,
     UnknownCallError,
     UnknownStateError,
+    migrations,
 )
+from callindex.database import Database
 from callindex.retry import DatabaseRetryPolicy
 
 from conftest import assert_trail_sound, call_rows, counter_value, insert_bypassing_the_counter
@@ -194,9 +198,29 @@ class TestTheDatabaseGuardsTheTrail:
                 )
         assert call_rows(sqlite_url) == before
 
-    def test_sqlite_insert_or_replace_on_a_taken_index_replaces_nothing(
+    def test_sqlite_insert_or_replace_on_a_taken_index_is_refused(self, sqlite_url: str) -> None:
+        with CallRecorder(sqlite_url) as recorder:
+            recorder.open_state("s1")
+            recorder.record_call("s1", "http", "success", {}, call_id="done")
+            before = call_rows(sqlite_url)
+            with (
+                pytest.raises(exc.DBAPIError, match="callindex: call_index taken"),
+                recorder.engine.begin() as conn,
+            ):
+                conn.execute(
+                    text(
+                        "INSERT OR REPLACE INTO calls (call_id, state_id, call_index, call_type, "
+                        "status) VALUES ('other', 's1', 0, 'http', 'error')"
+                    )
+                )
+        assert call_rows(sqlite_url) == before
+
+    def test_sqlite_insert_or_replace_on_a_taken_index_in_legacy_writers_mode_renumbers(
         self, sqlite_url: str
     ) -> None:
+        database = Database(sqlite_url)
+        migrations.set_legacy_writers(database, True)
+        database.dispose()
         with CallRecorder(sqlite_url) as recorder:
             recorder.open_state("s1")
             recorder.record_call("s1", "http", "success", {}, call_id="done")
@@ -225,20 +249,25 @@ class TestTheDatabaseGuardsTheTrail:
 
 
 class TestCounterBehindItsCalls:
-    """A counter can only fall behind when its calls bypass the numbering
-    trigger: written with triggers off (PostgreSQL's replica mode), or on
-    SQLite with the trigger dropped."""
+    """A counter falls behind when calls are written past it: by a writer that
+    does not use callindex outside legacy-writers mode, or past the numbering
+    trigger (PostgreSQL's replica mode, SQLite with the trigger dropped)."""
 
-    def test_postgresql_reports_a_collision_and_does_not_retry(self, postgresql_url: str) -> None:
+    def test_a_collision_is_reported_and_not_retried(self, db_url: str) -> None:
         patient = DatabaseRetryPolicy(max_attempts=50, max_seconds=60)
-        with CallRecorder(postgresql_url, retry=patient) as recorder:
+        with CallRecorder(db_url, retry=patient) as recorder:
             recorder.open_state("s1")
-            insert_bypassing_the_counter(postgresql_url, "legacy", "s1", 0)
+            insert_bypassing_the_counter(db_url, "legacy", "s1", 0)
             with pytest.raises(CounterBehindError, match="callindex repair"):
                 recorder.record_call("s1", "http", "success", {})
-            assert counter_value(postgresql_url, "s1") == 0
+            assert counter_value(db_url, "s1") == 0
 
-    def test_sqlite_renumbers_the_call_past_the_collision(self, sqlite_url: str) -> None:
+    def test_sqlite_in_legacy_writers_mode_renumbers_the_call_past_it(
+        self, sqlite_url: str
+    ) -> None:
+        database = Database(sqlite_url)
+        migrations.set_legacy_writers(database, True)
+        database.dispose()
         with CallRecorder(sqlite_url) as recorder:
             recorder.open_state("s1")
             insert_bypassing_the_counter(sqlite_url, "legacy", "s1", 0)
@@ -327,38 +356,48 @@ class TestAResultLostAfterCommit:
 
     @pytest.fixture
     def break_once_after(self, monkeypatch: pytest.MonkeyPatch) -> Any:
+        """Lose the reply of the first write whose SQL holds a marker, after it
+        committed: the backend's driver connection raises a lost connection
+        right after the statement (PostgreSQL, autocommit) or the COMMIT
+        (SQLite) went through."""
         broken: list[str] = []
-        lost = psycopg.OperationalError("server closed the connection unexpectedly")
 
-        class LosingCursor(psycopg.ClientCursor[Any]):
-            def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-                done = super().execute(query, params, **kwargs)  # committed and flushed
-                if any(m in str(query) for m in self.markers) and not broken:
-                    broken.append(str(query))
-                    raise lost
+        class Losing:
+            def __init__(self, conn: Any, markers: tuple[str, ...]) -> None:
+                self._conn = conn
+                self._markers = markers
+                self._pending = False
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._conn, name)
+
+            def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+                done = self._conn.execute(query, *args, **kwargs)
+                marked = any(m in query for m in self._markers) and not broken
+                committed = isinstance(self._conn, psycopg.Connection) or query == "COMMIT"
+                self._pending = self._pending or marked
+                if self._pending and committed:
+                    broken.append(query)
+                    self._pending = False
+                    raise psycopg.OperationalError("server closed the connection unexpectedly")
                 return done
 
         def install(recorder: CallRecorder, *markers: str) -> list[str]:
-            LosingCursor.markers = markers  # type: ignore[attr-defined]
-            # PostgreSQL writes go through psycopg's client-side cursor, one round trip.
-            monkeypatch.setattr("callindex.database.psycopg.ClientCursor", LosingCursor)
+            pool = recorder._db.backend.pool
+            connection = pool.connection
 
-            def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-                if (
-                    any(m in statement for m in markers) and not broken
-                ):  # SQLite: commit, lose reply
-                    broken.append(statement)
-                    conn.connection.dbapi_connection.commit()
-                    raise lost
+            @contextmanager
+            def losing() -> Iterator[Any]:
+                with connection() as conn:
+                    yield Losing(conn, markers)
 
-            if recorder.engine.dialect.name == "sqlite":
-                event.listen(recorder.engine, "after_cursor_execute", after_execute)
+            monkeypatch.setattr(pool, "connection", losing)
             return broken
 
         return install
 
     def test_record_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
-        broken = break_once_after(opened, "INSERT INTO calls", "callindex_record_call")
+        broken = break_once_after(opened, "INSERT INTO calls")
         call = opened.record_call("s1", "http", "success", {"a": 1}, call_id="lost-ack")
         assert broken, "the fault was never injected"
         assert (call.call_id, call.call_index) == ("lost-ack", 0)
@@ -367,7 +406,7 @@ class TestAResultLostAfterCommit:
 
     def test_finish_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="lost-ack")
-        broken = break_once_after(opened, "UPDATE calls", "callindex_finish_call")
+        broken = break_once_after(opened, "UPDATE calls", "callindex_finish_call(")
         done = opened.finish_call("lost-ack", "success", {"ok": True})
         assert broken and done.status == "success" and done.response == {"ok": True}
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]

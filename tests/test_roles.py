@@ -1,5 +1,6 @@
-"""sql/postgresql-roles.sql: the application role writes only through
-callindex's functions and INSERT; the auditor only reads."""
+"""sql/postgresql-roles.sql: the application role records calls (INSERT),
+moves counters forward within the guard, and finishes its own calls through
+callindex's function; the auditor only reads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, exc, make_url, text
 
-from callindex import CallRecorder, DatabaseError, ImmutableCallError
+from callindex import CallRecorder, DatabaseError, ImmutableCallError, migrations
+from callindex.database import Database
 from callindex.resources import resource_dir
 
 LOGINS = {
@@ -46,10 +48,10 @@ def roles(postgresql_url: str, pg_admin: Engine) -> Iterator[str]:
             conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
 
 
-def refused(url: str, role: str, statement: str) -> None:
+def refused(url: str, role: str, statement: str, because: str = "permission denied") -> None:
     engine = create_engine(as_role(url, role))
     try:
-        with pytest.raises(exc.DBAPIError, match="permission denied"), engine.begin() as conn:
+        with pytest.raises(exc.DBAPIError, match=because), engine.begin() as conn:
             conn.execute(text(statement))
     finally:
         engine.dispose()
@@ -68,7 +70,12 @@ class TestTheApplicationRole:
             assert [c.call_index for c in app.calls("s")] == [1, 2]
             assert app.verify().ok
 
-    def test_a_plain_insert_is_numbered_by_the_counter(self, roles: str) -> None:
+    def test_a_plain_insert_is_numbered_by_the_counter_in_legacy_writers_mode(
+        self, roles: str
+    ) -> None:
+        database = Database(roles)
+        migrations.set_legacy_writers(database, True)
+        database.dispose()
         engine = create_engine(as_role(roles, "callindex_test_app"))
         with engine.begin() as conn:
             conn.execute(
@@ -90,7 +97,7 @@ class TestTheApplicationRole:
             "UPDATE calls SET status = 'success', completed_at = now() WHERE call_id = 'open'",
             "DELETE FROM calls WHERE call_id = 'finished'",
             "TRUNCATE calls",
-            "UPDATE call_index_counters SET next_index = next_index + 5 WHERE state_id = 's'",
+            "UPDATE call_index_counters SET state_id = 'y' WHERE state_id = 's'",
             "INSERT INTO call_index_counters (state_id, next_index) VALUES ('x', 10)",
             "DELETE FROM call_index_counters WHERE state_id = 's'",
             "UPDATE callindex_alembic_version SET version_num = '0001'",
@@ -104,6 +111,21 @@ class TestTheApplicationRole:
         with CallRecorder(roles) as owner:
             calls = {c.call_id: (c.call_index, c.status) for c in owner.calls("s")}
         assert calls == {"finished": (0, "success"), "open": (1, "pending")}
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "UPDATE call_index_counters SET next_index = 0 WHERE state_id = 's'",
+            "UPDATE call_index_counters SET next_index = next_index + 1000001 WHERE state_id = 's'",
+        ],
+    )
+    def test_moves_a_counter_only_forward_and_not_far(self, roles: str, statement: str) -> None:
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            app.allocate_call_index("s", 5)
+        refused(roles, "callindex_test_app", statement, because="callindex: a counter may only")
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            assert app.allocate_call_index("s", 1_000_000) == 5
+            assert app.allocate_call_index("s") == 1_000_005
 
     def test_finishes_only_its_own_pending_calls(self, roles: str) -> None:
         with CallRecorder(as_role(roles, "callindex_test_app")) as app:
@@ -152,30 +174,42 @@ class TestTheAuditorRole:
 
 
 class TestWhatAnInsertCannotForge:
-    def insert(self, url: str, values: str) -> None:
+    """What an application role's INSERT could try to forge."""
+
+    def insert(
+        self,
+        url: str,
+        values: str,
+        columns: str = "call_id, state_id, call_index, call_type, status",
+    ) -> None:
         engine = create_engine(as_role(url, "callindex_test_app"))
         try:
             with engine.begin() as conn:
-                conn.execute(
-                    text(
-                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
-                        f"recorded_by) VALUES {values}"
-                    )
-                )
+                conn.execute(text(f"INSERT INTO calls ({columns}) VALUES {values}"))
         finally:
             engine.dispose()
 
-    def test_recorded_by_is_the_login_role(self, roles: str) -> None:
-        self.insert(roles, "('forged', 's', NULL, 'http', 'pending', 'callindex_test_app_other')")
-        with (
-            CallRecorder(as_role(roles, "callindex_test_app_other")) as other,
-            pytest.raises(ImmutableCallError, match="recorded by another role"),
-        ):
-            other.finish_call("forged", "success")
+    def test_recorded_by_cannot_be_named(self, roles: str) -> None:
+        with pytest.raises(exc.DBAPIError, match="permission denied"):
+            self.insert(
+                roles,
+                "('forged', 's', 0, 'http', 'pending', 'callindex_test_app_other')",
+                "call_id, state_id, call_index, call_type, status, recorded_by",
+            )
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            begun = app.begin_call("s", "http", {})
+        with CallRecorder(roles) as owner, owner.engine.connect() as conn:
+            recorded_by = conn.execute(
+                text("SELECT recorded_by FROM calls WHERE call_id = :id"), {"id": begun.call_id}
+            ).scalar_one()
+        assert recorded_by == "callindex_test_app"
 
     def test_a_counter_cannot_be_pushed_out_of_reach(self, roles: str) -> None:
+        database = Database(roles)
+        migrations.set_legacy_writers(database, True)
+        database.dispose()
         with pytest.raises(exc.DBAPIError, match="more than 1000000 ahead"):
-            self.insert(roles, "('far', 's', 9223372036854775806, 'http', 'success', NULL)")
+            self.insert(roles, "('far', 's', 9223372036854775806, 'http', 'success')")
         refused_by_function = create_engine(as_role(roles, "callindex_test_app"))
         try:
             with (

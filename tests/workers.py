@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from sqlalchemy import exc, text
+from sqlalchemy import create_engine, exc, text
 
 from callindex import CallRecorder, DatabaseRetryPolicy
 
@@ -114,15 +114,20 @@ def record_many(
     policy: DatabaseRetryPolicy | None = None,
     pause: float = 0.0,
     open_states: bool = False,
+    engine_connect_args: dict[str, Any] | None = None,
 ) -> None:
     """Record ``calls`` calls round-robin over ``states`` (opening each first
     when ``open_states``), alternating one-shot and two-phase calls; report
     ``{"acknowledged": {call_id: [state, index]}, "retries": n}``. Only calls
-    whose write returned are acknowledged."""
+    whose write returned are acknowledged. With ``engine_connect_args`` the
+    recorder is built from an SQLAlchemy Engine made with them."""
     try:
         retries = count_retries()
         acknowledged: dict[str, tuple[str, int]] = {}
-        with CallRecorder(url, retry=policy) as recorder:
+        target: Any = url
+        if engine_connect_args is not None:
+            target = create_engine(url, connect_args=engine_connect_args)
+        with CallRecorder(target, retry=policy) as recorder:
             barrier.wait()
             for n in range(calls):
                 state_id = states[n % len(states)]

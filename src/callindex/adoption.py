@@ -13,9 +13,11 @@ writing:
    writers);
 3. run the migrations (0001 adopts the table: only missing columns are
    added, nullable, so nothing is rewritten), under a short ``lock_timeout``
-   so the brief exclusive lock never queues behind a long transaction: from
-   here on the numbering trigger makes the counter the source of truth for
-   every writer, and starts any missing counter past its state's calls;
+   so the brief exclusive lock never queues behind a long transaction; with
+   ``legacy_writers`` the numbering trigger stays on (see
+   :mod:`callindex.numbering`): from here on the counter is the source of
+   truth for every writer, and any missing counter starts past its state's
+   calls; without it, writers that do not use callindex must have stopped;
 4. backfill ``next_index = max(call_index) + 1`` for every state, a batch of
    states per transaction. A writer waits at most for one batch, and only
    on a state of that batch; a batch that must itself wait for a writer
@@ -36,9 +38,10 @@ from typing import Final
 from sqlalchemy import Connection, String, inspect, text
 
 from callindex import migrations
-from callindex.database import Database, Statements, sqlite_file
+from callindex.database import Database, Statements
 from callindex.errors import AdoptionError, InvalidInputError
 from callindex.migrations import lock_timeout_statement
+from callindex.urls import sqlite_file
 
 DEFAULT_BATCH_STATES: Final = 1_000
 DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
@@ -151,11 +154,18 @@ def adopt(
     *,
     batch_states: int = DEFAULT_BATCH_STATES,
     lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+    legacy_writers: bool = False,
 ) -> AdoptionReport:
-    """Adopt the database's ``calls`` table (see the module documentation)."""
+    """Adopt the database's ``calls`` table (see the module documentation).
+
+    ``legacy_writers``: writers that do not use callindex keep writing calls
+    (a rolling deploy); the numbering trigger numbers theirs too. It is set
+    before the counters are backfilled, so their inserts during the backfill
+    are numbered already. Without it the trigger is removed.
+    """
     if isinstance(batch_states, bool) or not isinstance(batch_states, int) or batch_states < 1:
         raise InvalidInputError(f"batch_states must be a positive integer, not {batch_states!r}")
-    if db.backend == "sqlite" and not sqlite_file(db.engine.url).exists():
+    if db.name == "sqlite" and not sqlite_file(db.engine.url).exists():
         raise AdoptionError(f"{db.display_url} does not exist: there is nothing to adopt")
     if migrations.current_revision(db) is None:
         check(db)
@@ -163,6 +173,7 @@ def adopt(
     _build_pending_index(db)
     indexed = time.monotonic()
     migrations.upgrade(db, lock_timeout_seconds=lock_timeout_seconds)
+    migrations.set_legacy_writers(db, legacy_writers)
     migrated = time.monotonic()
     states, batches = backfill_counters(db, batch_states, lock_timeout_seconds)
     backfilled = time.monotonic()
@@ -185,7 +196,7 @@ def _build_pending_index(db: Database) -> None:
     """PostgreSQL: the partial index of pending calls, built without blocking
     writers (0002 then finds it). A build interrupted earlier leaves an invalid
     index behind; it is dropped and built again."""
-    if db.backend != "postgresql":
+    if db.name != "postgresql":
         return
     with db.translated_errors(), db.engine.connect() as conn:
         auto = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -246,6 +257,6 @@ def _next_batch(statements: Statements, after: str, batch_states: int) -> tuple[
 
 
 def _backfill(statements: Statements, after: str, last: str, lock_timeout_seconds: float) -> None:
-    if statements.db.backend == "postgresql":
+    if statements.db.name == "postgresql":
         statements.connection.execute(text(lock_timeout_statement(lock_timeout_seconds)))
     statements.rows("backfill_counters", {"after": after, "last": last})

@@ -1,8 +1,9 @@
 """Index allocation: the counter row of a state, bumped by one atomic statement.
 
 Nothing here keeps state between calls: no lock, no cache, no map of states.
-Every function takes the :class:`~callindex.database.Statements` to run on,
-so the caller decides which transaction it belongs to.
+Without ``connection`` each allocation commits by itself, durably, before it
+returns (retried under the database's policy); with ``connection`` it joins
+that SQLAlchemy connection's transaction and commits or rolls back with it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from callindex.database import Statements
-from callindex.errors import InvalidCountError, InvalidStateIdError, UnknownStateError
+from sqlalchemy import Connection
+
+from callindex.database import Database
+from callindex.errors import InvalidCountError, InvalidStateIdError
 from callindex.schema import MAX_STATE_ID_LENGTH
 
 MAX_COUNT: Final = 1_000_000
@@ -45,25 +48,41 @@ def validate_count(count: object) -> int:
     return count
 
 
-def open_state(statements: Statements, state_id: str) -> None:
+def open_state(db: Database, state_id: str, connection: Connection | None = None) -> None:
     """Create the counter row of ``state_id`` unless it exists."""
-    statements.rows("open_state", {"state_id": state_id})
+    if connection is None:
+        db.write(lambda backend: backend.open_state(state_id))
+    else:
+        db.run(
+            lambda statements: db.backend.open_state_in(statements.connection, state_id),
+            connection=connection,
+        )
 
 
-def allocate(statements: Statements, state_id: str, count: int) -> int:
+def allocate(db: Database, state_id: str, count: int, connection: Connection | None = None) -> int:
     """Reserve ``count`` consecutive indices of ``state_id`` and return the first."""
-    rows = statements.rows("allocate_call_index", {"state_id": state_id, "count": count})
-    if not rows:
-        raise UnknownStateError(state_id)
-    return int(rows[0]["first_index"])
+    if connection is None:
+        return db.write(lambda backend: backend.allocate(state_id, count))
+    return db.run(
+        lambda statements: db.backend.allocate_in(statements.connection, state_id, count),
+        connection=connection,
+    )
 
 
-def allocate_many(statements: Statements, counts: Mapping[str, int]) -> dict[str, int]:
+def allocate_many(
+    db: Database, counts: Mapping[str, int], connection: Connection | None = None
+) -> dict[str, int]:
     """Reserve ``counts[state_id]`` indices for each state, in one transaction.
 
     Counter rows are locked in sorted ``state_id`` order, the same order for
     every caller, so two transactions that share states can never deadlock.
     """
-    return {
-        state_id: allocate(statements, state_id, counts[state_id]) for state_id in sorted(counts)
-    }
+    if connection is None:
+        return db.write(lambda backend: backend.allocate_many(counts))
+    return db.run(
+        lambda statements: {
+            state_id: db.backend.allocate_in(statements.connection, state_id, counts[state_id])
+            for state_id in sorted(counts)
+        },
+        connection=connection,
+    )

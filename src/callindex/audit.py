@@ -102,7 +102,6 @@ def sweep(db: Database, older_than_seconds: float, state_prefix: str = "") -> li
     parameters = {"seconds": older_than_seconds, "state_prefix": state_prefix}
     return db.run(
         lambda statements: [dict(row) for row in statements.rows("sweep_pending", parameters)],
-        single_statement=True,
     )
 
 
@@ -110,5 +109,4 @@ def repair(db: Database) -> list[dict[str, Any]]:
     """Move every counter that is behind its calls to ``max(call_index) + 1``."""
     return db.run(
         lambda statements: [dict(row) for row in statements.rows("repair_counters")],
-        single_statement=True,
     )

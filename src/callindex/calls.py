@@ -3,6 +3,7 @@ that record, begin, finish and read calls."""
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Mapping
@@ -10,14 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, cast, get_args
 
-from callindex import allocator, payloads
-from callindex.database import Statements
+from callindex import payloads
+from callindex.backends import CallIdTaken
+from callindex.database import Database, Statements
 from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
     InvalidCallError,
     UnknownCallError,
-    UnknownStateError,
 )
 
 CallType = Literal["http", "llm", "tool", "other"]
@@ -176,33 +177,40 @@ def new_call_parameters(
     }
 
 
-def insert(statements: Statements, parameters: Mapping[str, Any]) -> Call:
-    """Allocate the next index of the state and insert the call with it.
+def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
+    """Allocate the next index of the state and insert the call with it, in one
+    committed write.
 
     When ``call_id`` is recorded already, return that call instead: nothing is
-    written and no index is used. The caller commits.
+    written and no index is used.
     """
-    if statements.db.backend == "postgresql":
-        rows = statements.rows("record_call", parameters)
-        if not rows:
-            raise UnknownStateError(parameters["state_id"])
-        call = Call.from_row(rows[0])
-    else:
-        existing = find(statements, parameters["call_id"])
-        if existing is not None:
-            call = existing
-        else:
-            index = allocator.allocate(statements, parameters["state_id"], 1)
-            rows = statements.rows("insert_call", {**parameters, "call_index": index})
-            if rows:
-                return Call.from_row(rows[0])
-            # The index was taken (the counter was behind): the numbering
-            # trigger recorded the call at the next free one instead.
-            recorded = find(statements, parameters["call_id"])
-            assert recorded is not None, "the numbering trigger recorded the call"
-            return recorded
-    _ensure_same_call(call, parameters)
-    return call
+    try:
+        inserted = db.write(lambda backend: backend.insert_call(parameters))
+    except CallIdTaken:
+        call = db.read(lambda statements: find(statements, parameters["call_id"]))
+        assert call is not None, "a call_id refused as taken is recorded"
+        _ensure_same_call(call, parameters)
+        return call
+    return Call(
+        call_id=parameters["call_id"],
+        state_id=parameters["state_id"],
+        call_index=inserted.call_index,
+        call_type=parameters["call_type"],
+        status=parameters["status"],
+        request=_decoded(parameters["request"]),
+        request_hash=parameters["request_hash"],
+        response=_decoded(parameters["response"]),
+        response_hash=parameters["response_hash"],
+        error=_decoded(parameters["error"]),
+        error_hash=parameters["error_hash"],
+        latency_ms=parameters["latency_ms"],
+        created_at=_timestamp(inserted.created_at),
+        completed_at=_timestamp(inserted.completed_at) if inserted.completed_at else None,
+    )
+
+
+def _decoded(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
@@ -226,12 +234,28 @@ def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
         )
 
 
-def finish(statements: Statements, call_id: str, outcome: Outcome) -> Call:
+def finish(db: Database, call_id: str, outcome: Outcome) -> Call:
     """Complete pending call ``call_id``; a retry of the same finish returns the call."""
-    rows = statements.rows("finish_call", {"call_id": call_id, **outcome.parameters()})
-    if rows:
-        return Call.from_row(rows[0])
-    call = find(statements, call_id)
+    parameters = {"call_id": call_id, **outcome.parameters()}
+    row = db.write(lambda backend: backend.finish_call(parameters))
+    if row is not None:
+        return Call(
+            call_id=call_id,
+            state_id=row["state_id"],
+            call_index=int(row["call_index"]),
+            call_type=row["call_type"],
+            status=outcome.status,
+            request=row["request"],
+            request_hash=row["request_hash"],
+            response=_decoded(parameters["response"]),
+            response_hash=parameters["response_hash"],
+            error=_decoded(parameters["error"]),
+            error_hash=parameters["error_hash"],
+            latency_ms=outcome.latency_ms,
+            created_at=_timestamp(row["created_at"]),
+            completed_at=_timestamp(row["completed_at"]),
+        )
+    call = db.read(lambda statements: find(statements, call_id))
     if call is None:
         raise UnknownCallError(call_id)
     if outcome.matches(call):

@@ -12,11 +12,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from callindex import adoption, audit, migrations
-from callindex.database import DEFAULT_URL, URL_ENVIRONMENT_VARIABLE, Database
+from callindex import adoption, audit, migrations, numbering
+from callindex.database import Database
 from callindex.errors import CallIndexError
 from callindex.recorder import CallRecorder
 from callindex.resources import resource_dir
+from callindex.urls import DEFAULT_URL, URL_ENVIRONMENT_VARIABLE
 
 _stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -98,8 +99,26 @@ def db_downgrade(ctx: click.Context, revision: str, force: bool) -> None:
 @db.command("current")
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
-    """Print the schema revision of the database (`none` without callindex)."""
-    click.echo(migrations.current_revision(_database(ctx)) or "none")
+    """Print the schema revision of the database (`none` without callindex) and,
+    when it has callindex's tables, whether legacy-writers mode is on."""
+    database = _database(ctx)
+    revision = migrations.current_revision(database)
+    click.echo(revision or "none")
+    if revision is not None:
+        mode = "on" if numbering.legacy_writers(database) else "off"
+        click.echo(f"legacy writers: {mode}")
+
+
+@db.command("legacy-writers")
+@click.argument("mode", type=click.Choice(["on", "off"]))
+@click.pass_context
+def db_legacy_writers(ctx: click.Context, mode: str) -> None:
+    """Switch legacy-writers mode: `on` installs the numbering trigger, which
+    numbers the calls of writers that do not use callindex (a rolling deploy);
+    `off` removes it once they are gone (every insert is then faster)."""
+    database = _database(ctx)
+    migrations.set_legacy_writers(database, mode == "on")
+    _stderr.print(f"{database.display_url}: legacy writers {mode}")
 
 
 @db.command("check")
@@ -125,14 +144,23 @@ def db_check(ctx: click.Context) -> None:
     show_default=True,
     help="PostgreSQL: longest wait for a lock in the schema step or a backfill batch (then retry).",
 )
+@click.option(
+    "--legacy-writers",
+    is_flag=True,
+    help="Writers that do not use callindex still write calls: number theirs too "
+    "(until `callindex db legacy-writers off`).",
+)
 @click.pass_context
-def db_adopt(ctx: click.Context, batch_states: int, lock_timeout: float) -> None:
+def db_adopt(
+    ctx: click.Context, batch_states: int, lock_timeout: float, legacy_writers: bool
+) -> None:
     """Adopt an existing calls table: keep its rows and columns, add callindex's
     schema, backfill a counter per state. Safe while writers run; resumable."""
     report = adoption.adopt(
         _database(ctx),
         batch_states=batch_states,
         lock_timeout_seconds=lock_timeout,
+        legacy_writers=legacy_writers,
     )
     click.echo(
         f"adopted {report.calls:,} calls of {report.states:,} states: "

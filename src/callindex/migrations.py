@@ -19,14 +19,15 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, inspect, text
 
-from callindex.database import Database, Statements, parse_url, sqlite_file
+from callindex import numbering
+from callindex.backends import UPGRADE_LOCK_KEY
+from callindex.database import Database, Statements
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from callindex.resources import resource_dir
 from callindex.schema import metadata
+from callindex.urls import parse_url, sqlite_file
 
 VERSION_TABLE: Final = "callindex_alembic_version"
-# Any fixed number: serialises concurrent upgrades of one PostgreSQL database.
-_UPGRADE_LOCK_KEY: Final = 0x63616C6C  # "call"
 
 
 def lock_timeout_statement(seconds: float) -> str:
@@ -70,7 +71,7 @@ def current_revision(db: Database) -> str | None:
         )
         return context.get_current_revision()
 
-    if db.backend == "sqlite" and not sqlite_file(db.engine.url).exists():
+    if db.name == "sqlite" and not sqlite_file(db.engine.url).exists():
         return None
     return db.read(read)
 
@@ -122,10 +123,9 @@ def _run(
 ) -> None:
     def migrate(statements: Statements) -> None:
         conn = statements.connection
-        if db.backend == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY})
-            if lock_timeout_seconds is not None:
-                conn.execute(text(lock_timeout_statement(lock_timeout_seconds)))
+        db.backend.lock_for_upgrade(conn)
+        if lock_timeout_seconds is not None and db.name == "postgresql":
+            conn.execute(text(lock_timeout_statement(lock_timeout_seconds)))
         config = alembic_config(connection=conn)
         try:
             getattr(command, direction)(config, revision)
@@ -164,7 +164,7 @@ def upgrade_with(connection: Connection, revision: str = "head") -> None:
         with connection.begin(), Operations.context(context):
             if connection.dialect.name == "postgresql":
                 connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK_KEY}
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY}
                 )
             context.run_migrations()
     except CommandError as error:
@@ -234,3 +234,13 @@ def check(db: Database) -> SchemaStatus:
         "(`pip install --upgrade callindex`), or run `callindex db downgrade "
         f"{status.head}` with the newer library installed"
     )
+
+
+def set_legacy_writers(db: Database, on: bool) -> None:
+    """Install or remove the numbering trigger (see :mod:`callindex.numbering`),
+    under the same lock as upgrades."""
+    def switch(statements: Statements) -> None:
+        db.backend.lock_for_upgrade(statements.connection)
+        numbering.set_legacy_writers(statements, on)
+
+    db.run(switch)

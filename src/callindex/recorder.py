@@ -20,15 +20,27 @@ class CallRecorder:
 
     ``url_or_engine`` is a database URL (``postgresql+psycopg://...`` or
     ``sqlite:///file.db``) or an SQLAlchemy :class:`~sqlalchemy.Engine` for one.
-    ``retry`` bounds how long transient database failures are retried.
+    ``retry`` bounds how long transient database failures are retried, and
+    how long one attempt may wait for a lock.
     A recorder holds no per-state data: any number of recorders, in any number
-    of processes, may work on the same states at once.
+    of processes, may work on the same states at once. Recorders of one
+    database in one process share its connections (at most 8 for writes, 8
+    for reads and maintenance), and a forked child opens its own.
+
+    ``early_release`` (PostgreSQL): commit each write asynchronously and
+    acknowledge it after a synchronous flush in the same round trip, so a
+    state's counter row is held for no fsync. It pays when many workers write
+    one state; see "Early lock release" in the docs.
     """
 
     def __init__(
-        self, url_or_engine: str | URL | Engine, *, retry: DatabaseRetryPolicy | None = None
+        self,
+        url_or_engine: str | URL | Engine,
+        *,
+        retry: DatabaseRetryPolicy | None = None,
+        early_release: bool = False,
     ) -> None:
-        self._db = Database(url_or_engine, retry=retry)
+        self._db = Database(url_or_engine, retry=retry, early_release=early_release)
 
     @property
     def engine(self) -> Engine:
@@ -44,11 +56,7 @@ class CallRecorder:
     def open_state(self, state_id: str, *, connection: Connection | None = None) -> None:
         """Register ``state_id`` so indices can be allocated for it. Idempotent."""
         state_id = allocator.validate_state_id(state_id)
-        self._db.run(
-            lambda statements: allocator.open_state(statements, state_id),
-            connection=connection,
-            single_statement=True,
-        )
+        allocator.open_state(self._db, state_id, connection)
 
     def allocate_call_index(
         self, state_id: str, count: int = 1, *, connection: Connection | None = None
@@ -62,11 +70,7 @@ class CallRecorder:
         """
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
-        return self._db.run(
-            lambda statements: allocator.allocate(statements, state_id, count),
-            connection=connection,
-            single_statement=True,
-        )
+        return allocator.allocate(self._db, state_id, count, connection)
 
     def allocate_call_indices(
         self, counts: Mapping[str, int], *, connection: Connection | None = None
@@ -80,10 +84,7 @@ class CallRecorder:
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()
         }
-        return self._db.run(
-            lambda statements: allocator.allocate_many(statements, checked),
-            connection=connection,
-        )
+        return allocator.allocate_many(self._db, checked, connection)
 
     # Recording
 
@@ -109,9 +110,7 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **outcome.parameters(),
         }
-        return self._db.run(
-            lambda statements: calls.insert(statements, parameters), single_statement=True
-        )
+        return calls.insert(self._db, parameters)
 
     def begin_call(
         self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
@@ -126,9 +125,7 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return self._db.run(
-            lambda statements: calls.insert(statements, parameters), single_statement=True
-        )
+        return calls.insert(self._db, parameters)
 
     def finish_call(
         self,
@@ -142,9 +139,7 @@ class CallRecorder:
         a different one raises :class:`CallAlreadyFinishedError`."""
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
-        return self._db.run(
-            lambda statements: calls.finish(statements, call_id, outcome), single_statement=True
-        )
+        return calls.finish(self._db, call_id, outcome)
 
     def _new_call(
         self, state_id: str, call_type: str, request: Any, call_id: str | None

@@ -54,3 +54,15 @@ def queries(backend: str) -> dict[str, TextClause]:
     if clash := shared.keys() & own.keys():
         raise CallIndexError(f"queries defined both shared and for {backend}: {sorted(clash)}")
     return {name: text(body) for name, body in {**shared, **own}.items()}
+
+
+@functools.cache
+def driver_sql(backend: str, name: str) -> str:
+    """Query ``name`` as its driver takes it: psycopg's ``%(name)s`` parameters
+    on PostgreSQL; on SQLite the block as written (``sqlite3`` takes ``:name``)."""
+    clause = queries(backend)[name]
+    if backend == "sqlite":
+        return clause.text
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    return str(clause.compile(dialect=PGDialect_psycopg()))  # type: ignore[no-untyped-call]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,15 +50,31 @@ class DatabaseRetryPolicy:
     ``max_seconds`` seconds, whichever comes first, and raises the last
     :class:`DatabaseUnavailableError` or :class:`ContentionError`. Each retry
     is logged at WARNING on the ``callindex.retry`` logger before it sleeps.
+
+    No attempt waits without a bound: ``attempt_timeout`` seconds (at most
+    ``max_seconds``) bound each attempt's lock waits (PostgreSQL
+    ``lock_timeout``, SQLite's busy timeout) and the wait for a free pooled
+    connection; twice that bounds a statement (``statement_timeout``). An
+    attempt that hits a bound fails with :class:`ContentionError` and is retried.
     """
 
     max_attempts: int = 12
     max_seconds: float = 60.0
     initial_wait: float = 0.05
     max_wait: float = 2.0
+    attempt_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         _check_limits(self.max_attempts, self.max_seconds, self.initial_wait, self.max_wait)
+        if not _number(self.attempt_timeout) or not 0 < self.attempt_timeout < math.inf:
+            raise InvalidInputError(
+                f"attempt_timeout must be a number of seconds > 0, not {self.attempt_timeout!r}"
+            )
+
+    @property
+    def attempt_seconds(self) -> float:
+        """How long one attempt may wait or run: ``attempt_timeout``, at most ``max_seconds``."""
+        return max(min(self.attempt_timeout, self.max_seconds), 0.001)
 
     def call(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` until it succeeds or the policy gives up."""

@@ -29,9 +29,9 @@ from sqlalchemy import (
     select,
 )
 
-from callindex.database import parse_url
 from callindex.demo.verdict import TrailRow
 from callindex.errors import DatabaseError
+from callindex.urls import parse_url
 
 LEGACY_TABLE: Final = "legacy_calls"
 

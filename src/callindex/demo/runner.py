@@ -20,7 +20,6 @@ from typing import Any, Final
 from rich.console import Console
 
 from callindex.audit import GAP_CAUSE, Report
-from callindex.database import display_url, parse_url
 from callindex.demo import render
 from callindex.demo.events import Event, WorkItem, work_items
 from callindex.demo.legacy import LEGACY_TABLE, LegacyStore
@@ -31,6 +30,7 @@ from callindex.errors import InvalidInputError
 from callindex.loopback import Faults, LoopbackAPI
 from callindex.recorder import CallRecorder
 from callindex.retry import RetryPolicy
+from callindex.urls import display_url, parse_url
 
 DEMO_FILE: Final = "callindex-demo.db"
 LEGACY_FILE: Final = "callindex-demo-legacy.db"

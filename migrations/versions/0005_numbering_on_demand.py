@@ -1,0 +1,164 @@
+"""callindex numbers its own calls; the numbering trigger serves only legacy writers.
+
+callindex's write path now bumps the counter and inserts the call in one
+statement, so 0004's numbering trigger on ``calls`` only serves writers that
+do not use callindex. It costs every insert, so it becomes a mode
+(``callindex db legacy-writers on|off``): this revision removes it from a
+database without calls (nothing but callindex can have written there yet)
+and keeps it on one that holds calls (it may be adopted, with legacy writers
+still running). Offline SQL for SQLite removes it.
+
+With callindex's write path inserting and updating counters directly, a
+least-privilege role writes counters; the counter guard now also refuses a
+move of more than 1,000,000 at once (a counter pushed out of reach is lost for
+good, since counters never move back).
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import op
+from alembic.script import ScriptDirectory
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+MAX_STEP = 1_000_000
+
+PG_GUARD_COUNTERS = f"""
+CREATE OR REPLACE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward, by at most {MAX_STEP} at '
+        'a time, and is never deleted (% on call_index_counters)', TG_OP
+        USING ERRCODE = 'CX001';
+END;
+$$
+"""
+PG_GUARD_COUNTERS_2 = """
+CREATE OR REPLACE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward and is never deleted '
+        '(% on call_index_counters)', TG_OP USING ERRCODE = 'CX001';
+END;
+$$
+"""
+PG_MOVES = (
+    "CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters "
+    "FOR EACH ROW WHEN (NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index "
+    f"+ {MAX_STEP} OR NEW.state_id <> OLD.state_id) EXECUTE FUNCTION callindex_guard_counters()"
+)
+PG_MOVES_2 = (
+    "CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters "
+    "FOR EACH ROW WHEN (NEW.next_index < OLD.next_index OR NEW.state_id <> OLD.state_id) "
+    "EXECUTE FUNCTION callindex_guard_counters()"
+)
+PG_NUMBERING_OFF_WITHOUT_CALLS = """
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM calls) THEN
+        DROP TRIGGER IF EXISTS callindex_number_call ON calls;
+    END IF;
+END;
+$$
+"""
+PG_NUMBERING_ON = """
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'callindex_number_call'
+                   AND tgrelid = to_regclass('calls')) THEN
+        CREATE TRIGGER callindex_number_call BEFORE INSERT ON calls
+        FOR EACH ROW EXECUTE FUNCTION callindex_number_call();
+    END IF;
+END;
+$$
+"""
+
+SQLITE_MOVES = f"""
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
+WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + {MAX_STEP}
+     OR NEW.state_id IS NOT OLD.state_id
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter may only move forward, by at most {MAX_STEP} at a time');
+END
+"""
+SQLITE_MOVES_2 = """
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
+WHEN NEW.next_index < OLD.next_index OR NEW.state_id IS NOT OLD.state_id
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter may only move forward');
+END
+"""
+SQLITE_NUMBERING = (
+    "callindex_number_call_missing",
+    "callindex_number_call_taken",
+    "callindex_number_call_given",
+)
+SQLITE_TAKEN_GUARD = """
+CREATE TRIGGER callindex_guard_calls_replace_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_index taken: the counter is behind its calls');
+END
+"""
+
+
+def _postgresql() -> bool:
+    return op.get_context().dialect.name == "postgresql"
+
+
+def _sqlite_has_calls() -> bool:
+    if op.get_context().as_sql:
+        return False
+    return op.get_bind().exec_driver_sql("SELECT 1 FROM calls LIMIT 1").first() is not None
+
+
+def _sqlite_numbering_installed() -> bool:
+    if op.get_context().as_sql:
+        return False
+    found = op.get_bind().exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'callindex_number_call_given'"
+    )
+    return found.first() is not None
+
+
+def upgrade() -> None:
+    if _postgresql():
+        op.execute(PG_GUARD_COUNTERS)
+        op.execute("DROP TRIGGER callindex_guard_counters ON call_index_counters")
+        op.execute(PG_MOVES)
+        op.execute(PG_NUMBERING_OFF_WITHOUT_CALLS)
+        return
+    op.execute("DROP TRIGGER callindex_guard_counters")
+    op.execute(SQLITE_MOVES)
+    if not _sqlite_has_calls():
+        for name in SQLITE_NUMBERING:
+            op.execute(f"DROP TRIGGER IF EXISTS {name}")
+        op.execute(SQLITE_TAKEN_GUARD)
+
+
+def downgrade() -> None:
+    # 0004 always numbers every insert: the trigger comes back.
+    if _postgresql():
+        op.execute(PG_NUMBERING_ON)
+        op.execute("DROP TRIGGER callindex_guard_counters ON call_index_counters")
+        op.execute(PG_MOVES_2)
+        op.execute(PG_GUARD_COUNTERS_2)
+        return
+    op.execute("DROP TRIGGER callindex_guard_counters")
+    op.execute(SQLITE_MOVES_2)
+    if not _sqlite_numbering_installed():
+        op.execute("DROP TRIGGER IF EXISTS callindex_guard_calls_replace_index")
+        scripts = ScriptDirectory(str(Path(__file__).resolve().parents[1]))
+        earlier = scripts.get_revision("0004").module  # type: ignore[union-attr]
+        for statement in earlier.sqlite_triggers(earlier._sqlite_columns()):
+            op.execute(statement)

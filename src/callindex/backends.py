@@ -1,0 +1,495 @@
+"""One backend object per kind of database: the write path at the driver level.
+
+A backend owns what differs between PostgreSQL and SQLite: how a write
+transaction starts, the hot-path statements (prepared psycopg statements in
+autocommit; raw ``sqlite3`` with ``BEGIN IMMEDIATE``), early lock release,
+per-attempt lock and statement timeouts, and the upgrade lock. It runs each
+operation as *one attempt*; :class:`~callindex.database.Database` retries.
+
+Its connections come from a small pool of raw driver connections
+(:class:`DriverPool`), shared by every recorder of the same database in the
+process, so a write costs no SQLAlchemy pool checkout. Connections are made
+by the engine (its creator and connect events apply) and detached from it.
+
+Every PostgreSQL statement that acknowledges a write sets
+``synchronous_commit`` for its own transaction (``set_config(..., true)``),
+so it is durable whatever the server, database, role or connection default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Final, Generic, TypeVar
+
+import psycopg
+from sqlalchemy import Connection, Engine, TextClause, text
+
+from callindex.errors import ContentionError, UnknownStateError
+from callindex.resources import driver_sql, queries
+from callindex.translation import translated
+from callindex.urls import sqlite_file
+
+C = TypeVar("C")
+
+DEFAULT_POOL_SIZE: Final = 8
+# Any fixed number: serialises concurrent upgrades of one PostgreSQL database.
+UPGRADE_LOCK_KEY: Final = 0x63616C6C  # "call"
+
+# Connections inherited by a forked child: kept referenced and never closed,
+# since closing them in the child would end the parent's sessions.
+_INHERITED: list[object] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """What the database decided for a new call: its index and timestamps."""
+
+    call_index: int
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class CallIdTaken(Exception):
+    """The insert was refused because ``call_id`` is recorded already (the
+    statement rolled back whole: no index was used)."""
+
+
+class DriverPool(Generic[C]):
+    """At most ``size`` raw driver connections, reused; safe across fork.
+
+    Checking a connection out takes one semaphore and one list pop. A forked
+    child starts with an empty pool (see :meth:`forget`); the pid check
+    catches a fork that bypassed ``os.register_at_fork``.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], C],
+        reusable: Callable[[C], bool],
+        close: Callable[[C], None],
+        size: int,
+        wait_seconds: float,
+    ) -> None:
+        self._connect = connect
+        self._reusable = reusable
+        self._close = close
+        self.size = size
+        self.wait_seconds = wait_seconds
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop every connection without closing it: after a fork, they are the parent's."""
+        _INHERITED.extend(getattr(self, "_idle", ()))
+        self._idle: list[C] = []
+        self._slots = threading.BoundedSemaphore(self.size)
+        self._pid = os.getpid()
+
+    @contextmanager
+    def connection(self) -> Iterator[C]:
+        if self._pid != os.getpid():
+            self.forget()
+        slots = self._slots
+        if not slots.acquire(timeout=self.wait_seconds):
+            raise ContentionError(
+                f"all {self.size} connections of this process stayed busy for "
+                f"{self.wait_seconds:g} s"
+            )
+        try:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                if self._pid == os.getpid() and self._reusable(conn):
+                    self._idle.append(conn)
+                else:
+                    self._close(conn)
+        finally:
+            slots.release()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._close(conn)
+
+
+def _detached(engine: Engine) -> Any:
+    """A new driver connection made by ``engine`` (its creator and connect
+    events apply) and detached from its pool: ours to keep and close."""
+    pooled = engine.raw_connection()
+    driver_connection = pooled.driver_connection
+    pooled.detach()
+    return driver_connection
+
+
+class Backend:
+    """What differs between databases; one instance per shared database."""
+
+    name: ClassVar[str]
+
+    def __init__(self, engine: Engine, where: str, attempt_seconds: float, pool_size: int) -> None:
+        self.engine = engine
+        self.where = where
+        self.attempt_seconds = attempt_seconds
+        self.sqlite_path: Path | None = None
+        self.pool: DriverPool[Any] = DriverPool(
+            self._connect, self._reusable, self._close, pool_size, attempt_seconds
+        )
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        with translated(self.where, sqlite_path=self.sqlite_path):
+            yield
+
+    def forget_inherited(self) -> None:
+        self.engine.dispose(close=False)
+        self.pool.forget()
+
+    def close(self) -> None:
+        self.pool.close()
+        self.engine.dispose()
+
+    # Connections of the pool
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _reusable(self, conn: Any) -> bool:
+        raise NotImplementedError
+
+    def _close(self, conn: Any) -> None:
+        conn.close()
+
+    # SQLAlchemy transactions (reads, migrations, a caller's connection)
+    def begin(self, connection: Connection, *, read_only: bool) -> None:
+        """Start a transaction on an SQLAlchemy connection (the engine's "begin" event)."""
+
+    def lock_for_upgrade(self, connection: Connection) -> None:
+        """Serialise schema changes of one database (inside the migration's transaction)."""
+
+    # The write path: one attempt each
+    def open_state(self, state_id: str) -> None:
+        raise NotImplementedError
+
+    def allocate(self, state_id: str, count: int) -> int:
+        raise NotImplementedError
+
+    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+        raise NotImplementedError
+
+    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+        """Insert a call with its state's next index (raises :class:`CallIdTaken`)."""
+        raise NotImplementedError
+
+    def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """Finish a pending call; its recorded columns, or ``None`` when not pending."""
+        raise NotImplementedError
+
+    # The same statements inside a caller's transaction (SQLAlchemy connection)
+    def open_state_in(self, connection: Connection, state_id: str) -> None:
+        connection.execute(self._text("open_state"), self._with_durability({"state_id": state_id}))
+
+    def allocate_in(self, connection: Connection, state_id: str, count: int) -> int:
+        row = connection.execute(
+            self._text("allocate_call_index"),
+            self._with_durability({"state_id": state_id, "count": count}),
+        ).first()
+        if row is None:
+            raise UnknownStateError(state_id)
+        return int(row[0])
+
+    def _text(self, name: str) -> TextClause:
+        return queries(self.name)[name]
+
+    def _with_durability(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return parameters
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+class PostgreSQLBackend(Backend):
+    """psycopg 3, autocommit, prepared statements; one round trip per write.
+
+    ``early_release``: a write commits asynchronously, releasing the state's
+    counter row at once, and a second small transaction in the same pipeline
+    commits synchronously, so the call is acknowledged only once the log is
+    flushed past it (the log is sequential). It pays when many writers share
+    one state; see the README's measurements.
+    """
+
+    name = "postgresql"
+
+    def __init__(
+        self,
+        engine: Engine,
+        where: str,
+        attempt_seconds: float,
+        pool_size: int,
+        *,
+        early_release: bool = False,
+    ) -> None:
+        super().__init__(engine, where, attempt_seconds, pool_size)
+        self.early_release = early_release
+        self._sql = {
+            name: driver_sql("postgresql", name)
+            for name in (
+                "open_state",
+                "allocate_call_index",
+                "insert_call",
+                "finish_call",
+                "find_call_index",
+                "flush_commits",
+            )
+        }
+        milliseconds = max(1, round(attempt_seconds * 1000))
+        # Session defaults for the pool's connections; every write sets
+        # synchronous_commit again for its own transaction. A statement that
+        # waits for a lock times out as a lock wait (twice the time for the
+        # statement as a whole).
+        self._session = (
+            "SET synchronous_commit = on; "
+            f"SET lock_timeout = {milliseconds}; "
+            f"SET statement_timeout = {2 * milliseconds}"
+        )
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        with self.translated():
+            conn: psycopg.Connection[Any] = _detached(self.engine)
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            conn.autocommit = True
+            conn.execute(self._session)
+        return conn
+
+    def _reusable(self, conn: psycopg.Connection[Any]) -> bool:
+        if conn.closed or conn.broken:
+            return False
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return True
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            return False
+        return True
+
+    def begin(self, connection: Connection, *, read_only: bool) -> None:
+        return None  # psycopg begins implicitly
+
+    def lock_for_upgrade(self, connection: Connection) -> None:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
+
+    def _with_durability(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return {**parameters, "synchronous_commit": "on"}
+
+    def _write(self, name: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """One write that commits by itself, durably, in one round trip (raw driver errors)."""
+        with self.pool.connection() as conn:
+            if not self.early_release:
+                parameters["synchronous_commit"] = "on"
+                rows: list[tuple[Any, ...]] = conn.execute(
+                    self._sql[name], parameters, prepare=True
+                ).fetchall()
+                return rows
+            parameters["synchronous_commit"] = "off"
+            with conn.pipeline() as pipeline:
+                cursor = conn.execute(self._sql[name], parameters, prepare=True)
+                pipeline.sync()
+                conn.execute(self._sql["flush_commits"], prepare=True)
+            rows = cursor.fetchall()
+            return rows
+
+    def open_state(self, state_id: str) -> None:
+        with self.translated():
+            self._write("open_state", {"state_id": state_id})
+
+    def allocate(self, state_id: str, count: int) -> int:
+        with self.translated():
+            rows = self._write("allocate_call_index", {"state_id": state_id, "count": count})
+        if not rows:
+            raise UnknownStateError(state_id)
+        return int(rows[0][0])
+
+    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+        sql = self._sql["allocate_call_index"]
+        with self.translated(), self.pool.connection() as conn, conn.transaction():
+            first = {}
+            for state_id in sorted(counts):  # one lock order for every caller: no deadlock
+                parameters = {
+                    "state_id": state_id,
+                    "count": counts[state_id],
+                    "synchronous_commit": "on",
+                }
+                row = conn.execute(sql, parameters, prepare=True).fetchone()
+                if row is None:
+                    raise UnknownStateError(state_id)
+                first[state_id] = int(row[0])
+            return first
+
+    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+        with self.translated():
+            try:
+                rows = self._write("insert_call", dict(parameters))
+            except psycopg.errors.UniqueViolation:
+                # By meaning, not by constraint name: is the call_id recorded?
+                if self._recorded(parameters["call_id"]):
+                    raise CallIdTaken from None
+                raise
+        if not rows:
+            raise UnknownStateError(parameters["state_id"])
+        call_index, created_at, completed_at = rows[0]
+        return Inserted(int(call_index), created_at, completed_at)
+
+    def _recorded(self, call_id: str) -> bool:
+        with self.pool.connection() as conn:
+            found = conn.execute(
+                self._sql["find_call_index"], {"call_id": call_id}, prepare=True
+            ).fetchone()
+        return found is not None
+
+    def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        with self.translated(), self.pool.connection() as conn:
+            cursor = conn.execute(
+                self._sql["finish_call"],
+                {**parameters, "synchronous_commit": "on"},
+                prepare=True,
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            assert cursor.description is not None
+            return dict(zip([c.name for c in cursor.description], row, strict=True))
+
+
+class SQLiteBackend(Backend):
+    """Raw ``sqlite3`` in WAL mode; every write transaction is ``BEGIN IMMEDIATE``
+    (a reader never upgrades to a writer, which fails at once under WAL)."""
+
+    name = "sqlite"
+
+    def __init__(self, engine: Engine, where: str, attempt_seconds: float, pool_size: int) -> None:
+        super().__init__(engine, where, attempt_seconds, pool_size)
+        self.sqlite_path = sqlite_file(engine.url)
+        self._sql = {
+            name: driver_sql("sqlite", name)
+            for name in (
+                "open_state",
+                "allocate_call_index",
+                "insert_call",
+                "finish_call",
+                "find_call_index",
+            )
+        }
+
+    def _connect(self) -> sqlite3.Connection:
+        with self.translated():
+            conn: sqlite3.Connection = _detached(self.engine)
+            conn.isolation_level = None
+            conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def _reusable(self, conn: sqlite3.Connection) -> bool:
+        if not conn.in_transaction:
+            return True
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            return False
+        return True
+
+    def begin(self, connection: Connection, *, read_only: bool) -> None:
+        # Readers need no lock under WAL: a plain (deferred) BEGIN keeps them
+        # from queueing behind writers.
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.translated(), self.pool.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def open_state(self, state_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(self._sql["open_state"], {"state_id": state_id})
+
+    def _allocate(self, conn: sqlite3.Connection, state_id: str, count: int) -> int:
+        row = conn.execute(
+            self._sql["allocate_call_index"], {"state_id": state_id, "count": count}
+        ).fetchone()
+        if row is None:
+            raise UnknownStateError(state_id)
+        return int(row[0])
+
+    def allocate(self, state_id: str, count: int) -> int:
+        with self._transaction() as conn:
+            return self._allocate(conn, state_id, count)
+
+    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+        with self._transaction() as conn:
+            return {
+                state_id: self._allocate(conn, state_id, counts[state_id])
+                for state_id in sorted(counts)
+            }
+
+    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+        with self._transaction() as conn:
+            call_index = self._allocate(conn, parameters["state_id"], 1)
+            try:
+                row = conn.execute(
+                    self._sql["insert_call"], {**parameters, "call_index": call_index}
+                ).fetchone()
+            except sqlite3.IntegrityError:
+                if conn.execute(
+                    self._sql["find_call_index"], {"call_id": parameters["call_id"]}
+                ).fetchone():
+                    raise CallIdTaken from None
+                raise
+            if row is None:
+                # The index was taken (the counter was behind): the numbering
+                # trigger of legacy-writers mode recorded the call at the next
+                # free one instead.
+                row = conn.execute(
+                    self._sql["find_call_index"], {"call_id": parameters["call_id"]}
+                ).fetchone()
+                assert row is not None, "the numbering trigger recorded the call"
+        created_at = _sqlite_time(row[1])
+        assert created_at is not None
+        return Inserted(int(row[0]), created_at, _sqlite_time(row[2]))
+
+    def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        with self._transaction() as conn:
+            cursor = conn.execute(self._sql["finish_call"], parameters)
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            names = [column[0] for column in cursor.description]
+        values = dict(zip(names, row, strict=True))
+        values["request"] = _loads(values["request"])
+        values["created_at"] = _sqlite_time(values["created_at"])
+        values["completed_at"] = _sqlite_time(values["completed_at"])
+        return values
+
+
+def _sqlite_time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+BACKENDS: Final[dict[str, type[Backend]]] = {
+    "postgresql": PostgreSQLBackend,
+    "sqlite": SQLiteBackend,
+}
