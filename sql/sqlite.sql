@@ -148,7 +148,8 @@ CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
 WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + 1000000
      OR NEW.state_id IS NOT OLD.state_id
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: a counter may only move forward, by at most 1000000 at a time');
+    SELECT RAISE(ABORT,
+        'callindex: a counter may only move forward, by at most 1000000 at a time');
 END;
 
 DROP TRIGGER IF EXISTS callindex_number_call_missing;

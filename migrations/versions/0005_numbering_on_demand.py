@@ -88,7 +88,8 @@ CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
 WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + {MAX_STEP}
      OR NEW.state_id IS NOT OLD.state_id
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: a counter may only move forward, by at most {MAX_STEP} at a time');
+    SELECT RAISE(ABORT,
+        'callindex: a counter may only move forward, by at most {MAX_STEP} at a time');
 END
 """
 SQLITE_MOVES_2 = """
@@ -126,7 +127,8 @@ def _sqlite_numbering_installed() -> bool:
     if op.get_context().as_sql:
         return False
     found = op.get_bind().exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'callindex_number_call_given'"
+        "SELECT 1 FROM sqlite_master "
+        "WHERE type = 'trigger' AND name = 'callindex_number_call_given'"
     )
     return found.first() is not None
 

@@ -108,9 +108,7 @@ def build_engine(
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = POSTGRESQL_CONNECT_TIMEOUT_SECONDS
     # Parameters (payloads) stay out of error messages and logs.
-    engine = create_engine(
-        parsed, connect_args=connect_args, hide_parameters=True, **pool
-    )
+    engine = create_engine(parsed, connect_args=connect_args, hide_parameters=True, **pool)
     event.listen(engine, "connect", _on_postgresql_connect)
     return engine
 

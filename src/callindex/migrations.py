@@ -239,6 +239,7 @@ def check(db: Database) -> SchemaStatus:
 def set_legacy_writers(db: Database, on: bool) -> None:
     """Install or remove the numbering trigger (see :mod:`callindex.numbering`),
     under the same lock as upgrades."""
+
     def switch(statements: Statements) -> None:
         db.backend.lock_for_upgrade(statements.connection)
         numbering.set_legacy_writers(statements, on)

@@ -125,8 +125,7 @@ def legacy_writers_on(statements: Statements) -> bool:
     if statements.db.name == "postgresql":
         found = connection.execute(
             text(
-                "SELECT 1 FROM pg_trigger WHERE tgname = :name "
-                "AND tgrelid = to_regclass('calls')"
+                "SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass('calls')"
             ),
             {"name": PG_TRIGGER},
         ).first()

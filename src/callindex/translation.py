@@ -157,8 +157,7 @@ def _translate_sqlite(
     if code == "SQLITE_CANTOPEN":
         if sqlite_path is not None and not sqlite_path.exists():
             return SchemaMissingError(
-                f"the database file {str(sqlite_path)!r} does not exist: "
-                "run `callindex db upgrade`"
+                f"the database file {str(sqlite_path)!r} does not exist: run `callindex db upgrade`"
             )
         return ConfigurationError(f"cannot open the database {where}: {detail}")
     if isinstance(error, sqlite3.IntegrityError):
