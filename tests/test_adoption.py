@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 
-from callindex import AdoptionError, CallRecorder, adoption, migrations
+from callindex import AdoptionError, CallRecorder, adoption, migrations, numbering
 from callindex.cli import cli
 from callindex.database import Database
 
@@ -86,6 +86,14 @@ class TestAdoptingALegacyDatabase:
         result = CliRunner().invoke(cli, ["--db", legacy_url, "db", "adopt", "--batch-states", "2"])
         assert result.exit_code == 0, result.output
         assert result.output.startswith(f"adopted {STATES * PER_STATE + 2} calls of 5 states")
+        assert not numbering.legacy_writers(Database(legacy_url))
+
+    def test_the_command_in_legacy_writers_mode(self, legacy_url: str) -> None:
+        arguments = ["--db", legacy_url, "db", "adopt", "--legacy-writers"]
+        assert CliRunner().invoke(cli, arguments).exit_code == 0
+        assert numbering.legacy_writers(Database(legacy_url))
+        current = CliRunner().invoke(cli, ["--db", legacy_url, "db", "current"]).output
+        assert current.endswith("legacy writers: on\n")
 
 
 def test_sqlite_renumbering_leaves_an_integer_primary_key_to_sqlite(sqlite_empty_url: str) -> None:
@@ -103,7 +111,7 @@ def test_sqlite_renumbering_leaves_an_integer_primary_key_to_sqlite(sqlite_empty
         )
         conn.execute(text("INSERT INTO calls (call_id, state_id, call_index) VALUES ('a', 's', 0)"))
     engine.dispose()
-    adoption.adopt(Database(sqlite_empty_url))
+    adoption.adopt(Database(sqlite_empty_url), legacy_writers=True)
     with create_engine(sqlite_empty_url).begin() as conn:
         for call_id in ("b", "c"):  # both stale: index 0 is taken
             conn.execute(
@@ -266,7 +274,8 @@ class TestWhatCannotBeAdopted:
 
 @pytest.mark.slow
 def test_writers_keep_writing_during_the_adoption(empty_db_url: str) -> None:
-    """Two upstream writers insert all through the adoption of 8,000 calls;
+    """Two upstream writers insert all through an adoption of 8,000 calls in
+    legacy-writers mode;
     none is lost, none duplicated, and every counter ends past its calls.
     (Each writer has states of its own: before the adoption, two upstream
     writers of one state collide, which is the bug callindex fixes.)"""
@@ -277,7 +286,7 @@ def test_writers_keep_writing_during_the_adoption(empty_db_url: str) -> None:
 
     def adopt_soon() -> None:
         time.sleep(0.5)
-        reports.append(adoption.adopt(Database(empty_db_url), batch_states=25))
+        reports.append(adoption.adopt(Database(empty_db_url), batch_states=25, legacy_writers=True))
 
     adopter = threading.Thread(target=adopt_soon)
     adopter.start()

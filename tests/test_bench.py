@@ -58,6 +58,9 @@ def test_a_small_run_of_every_strategy(db_url: str, tmp_path: Path, capsys: Any)
     measured = {(m["strategy"], m["mode"], m["workers"]) for m in report["measurements"]}
     expected = {
         "bare_insert",
+        "bare_insert_update",
+        "raw_update",
+        "raw_update_100",
         "legacy_insert",
         "allocate",
         "allocate_100",
@@ -65,12 +68,13 @@ def test_a_small_run_of_every_strategy(db_url: str, tmp_path: Path, capsys: Any)
         "begin_finish",
     }
     if db_url.startswith("postgresql"):
-        expected |= {"nextval", "max_plus_one", "select_for_update"}
+        expected |= {"nextval", "max_plus_one", "select_for_update", "record_call_early"}
     assert {s for s, _, _ in measured} >= expected
     assert all(m["median"] > 0 for m in report["measurements"])
     assert report["memory"]["states"] == 1500
     assert report["http"]["audited_ms"] > 0
     assert report["ratios"]
+    assert all(m["median_cpu_us"] > 0 for m in report["measurements"])
     assert {(row["mode"], row["workers"]) for row in report["trigger_cost"]} == {
         (mode, workers) for mode in ("hot", "distinct") for workers in (1, 2)
     }

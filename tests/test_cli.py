@@ -37,7 +37,11 @@ def test_db_current_check_and_downgrade(empty_db_url: str) -> None:
     assert run("--db", empty_db_url, "db", "current").stdout == "none\n"
     assert run("--db", empty_db_url, "db", "check").exit_code == 1
     run("--db", empty_db_url, "db", "upgrade")
-    assert run("--db", empty_db_url, "db", "current").stdout == f"{head}\n"
+    assert run("--db", empty_db_url, "db", "current").stdout == f"{head}\nlegacy writers: off\n"
+    assert run("--db", empty_db_url, "db", "legacy-writers", "on").exit_code == 0
+    assert run("--db", empty_db_url, "db", "current").stdout == f"{head}\nlegacy writers: on\n"
+    assert run("--db", empty_db_url, "db", "legacy-writers", "off").exit_code == 0
+    assert run("--db", empty_db_url, "db", "current").stdout == f"{head}\nlegacy writers: off\n"
     checked = run("--db", empty_db_url, "db", "check")
     assert (checked.exit_code, checked.stdout) == (0, f"up to date at revision {head}\n")
     assert run("--db", empty_db_url, "db", "downgrade", "base").exit_code == 0
