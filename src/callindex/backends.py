@@ -33,7 +33,7 @@ import psycopg
 from sqlalchemy import Connection, Engine, TextClause, text
 
 from callindex.errors import ContentionError, UnknownStateError
-from callindex.resources import driver_sql, queries
+from callindex.resources import driver_sql, positional_sql, queries
 from callindex.translation import translated
 from callindex.urls import sqlite_file
 
@@ -89,33 +89,44 @@ class DriverPool(Generic[C]):
         """Drop every connection without closing it: after a fork, they are the parent's."""
         _INHERITED.extend(getattr(self, "_idle", ()))
         self._idle: list[C] = []
-        self._slots = threading.BoundedSemaphore(self.size)
+        self._slots = threading.Semaphore(self.size)
         self._pid = os.getpid()
 
-    @contextmanager
-    def connection(self) -> Iterator[C]:
+    def acquire(self) -> C:
+        """A connection of this process; give it back with :meth:`release`."""
         if self._pid != os.getpid():
             self.forget()
-        slots = self._slots
-        if not slots.acquire(timeout=self.wait_seconds):
+        if not self._slots.acquire(timeout=self.wait_seconds):
             raise ContentionError(
                 f"all {self.size} connections of this process stayed busy for "
                 f"{self.wait_seconds:g} s"
             )
         try:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = self._connect()
-            try:
-                yield conn
-            finally:
-                if self._pid == os.getpid() and self._reusable(conn):
-                    self._idle.append(conn)
-                else:
-                    self._close(conn)
+            return self._idle.pop()
+        except IndexError:
+            pass
+        try:
+            return self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: C) -> None:
+        try:
+            if self._pid == os.getpid() and self._reusable(conn):
+                self._idle.append(conn)
+            else:
+                self._close(conn)
         finally:
-            slots.release()
+            self._slots.release()
+
+    @contextmanager
+    def connection(self) -> Iterator[C]:
+        conn = self.acquire()
+        try:
+            yield conn
+        finally:
+            self.release(conn)
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -242,7 +253,7 @@ class PostgreSQLBackend(Backend):
         super().__init__(engine, where, attempt_seconds, pool_size)
         self.early_release = early_release
         self._sql = {
-            name: driver_sql("postgresql", name)
+            name: positional_sql(name)
             for name in (
                 "open_state",
                 "allocate_call_index",
@@ -294,20 +305,30 @@ class PostgreSQLBackend(Backend):
 
     def _write(self, name: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         """One write that commits by itself, durably, in one round trip (raw driver errors)."""
-        with self.pool.connection() as conn:
+        sql, order = self._sql[name]
+        conn = self.pool.acquire()
+        try:
             if not self.early_release:
                 parameters["synchronous_commit"] = "on"
-                rows: list[tuple[Any, ...]] = conn.execute(
-                    self._sql[name], parameters, prepare=True
-                ).fetchall()
+                values = [parameters[key] for key in order]
+                rows: list[tuple[Any, ...]] = conn.execute(sql, values, prepare=True).fetchall()
                 return rows
             parameters["synchronous_commit"] = "off"
+            values = [parameters[key] for key in order]
             with conn.pipeline() as pipeline:
-                cursor = conn.execute(self._sql[name], parameters, prepare=True)
+                cursor = conn.execute(sql, values, prepare=True)
                 pipeline.sync()
-                conn.execute(self._sql["flush_commits"], prepare=True)
+                conn.execute(self._sql["flush_commits"][0], prepare=True)
             rows = cursor.fetchall()
             return rows
+        finally:
+            self.pool.release(conn)
+
+    def _execute(
+        self, conn: psycopg.Connection[Any], name: str, parameters: Mapping[str, Any]
+    ) -> Any:
+        sql, order = self._sql[name]
+        return conn.execute(sql, [parameters[key] for key in order], prepare=True)
 
     def open_state(self, state_id: str) -> None:
         with self.translated():
@@ -321,7 +342,6 @@ class PostgreSQLBackend(Backend):
         return int(rows[0][0])
 
     def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
-        sql = self._sql["allocate_call_index"]
         with self.translated(), self.pool.connection() as conn, conn.transaction():
             first = {}
             for state_id in sorted(counts):  # one lock order for every caller: no deadlock
@@ -330,7 +350,7 @@ class PostgreSQLBackend(Backend):
                     "count": counts[state_id],
                     "synchronous_commit": "on",
                 }
-                row = conn.execute(sql, parameters, prepare=True).fetchone()
+                row = self._execute(conn, "allocate_call_index", parameters).fetchone()
                 if row is None:
                     raise UnknownStateError(state_id)
                 first[state_id] = int(row[0])
@@ -352,18 +372,12 @@ class PostgreSQLBackend(Backend):
 
     def _recorded(self, call_id: str) -> bool:
         with self.pool.connection() as conn:
-            found = conn.execute(
-                self._sql["find_call_index"], {"call_id": call_id}, prepare=True
-            ).fetchone()
+            found = self._execute(conn, "find_call_index", {"call_id": call_id}).fetchone()
         return found is not None
 
     def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
         with self.translated(), self.pool.connection() as conn:
-            cursor = conn.execute(
-                self._sql["finish_call"],
-                {**parameters, "synchronous_commit": "on"},
-                prepare=True,
-            )
+            cursor = self._execute(conn, "finish_call", {**parameters, "synchronous_commit": "on"})
             row = cursor.fetchone()
             if row is None:
                 return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -16,6 +17,9 @@ from callindex.errors import InvalidPayloadError, PayloadTooLargeError
 
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 _MAX_DEPTH: Final = 64
+# json.dumps writes a NUL character as \u0000; an even run of backslashes
+# before it means the text held a literal backslash-u instead.
+_ESCAPED_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +48,14 @@ def prepare(name: str, value: Any) -> Payload | None:
     """
     if value is None:
         return None
-    _check_strings(name, value, depth=0)
+    if isinstance(value, dict | list | tuple):
+        _check_depth(name, value, depth=0)
     try:
         text = canonical_json(value)
     except (TypeError, ValueError) as error:
         raise InvalidPayloadError(f"{name} is not JSON-serialisable: {error}") from error
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
+        raise InvalidPayloadError(f"{name} contains a NUL character")
     try:
         encoded = text.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -62,16 +69,11 @@ def prepare(name: str, value: Any) -> Payload | None:
     return Payload(text=text, sha256=hashlib.sha256(encoded).hexdigest())
 
 
-def _check_strings(name: str, value: Any, depth: int) -> None:
-    if depth > _MAX_DEPTH:
-        raise InvalidPayloadError(f"{name} is nested deeper than {_MAX_DEPTH} levels")
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidPayloadError(f"{name} contains a NUL character")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_strings(name, key, depth + 1)
-            _check_strings(name, item, depth + 1)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_strings(name, item, depth + 1)
+def _check_depth(name: str, value: Any, depth: int) -> None:
+    """Refuse nesting deeper than ``_MAX_DEPTH``, visiting containers only."""
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        if depth + 1 > _MAX_DEPTH:
+            raise InvalidPayloadError(f"{name} is nested deeper than {_MAX_DEPTH} levels")
+        if isinstance(item, dict | list | tuple):
+            _check_depth(name, item, depth + 1)

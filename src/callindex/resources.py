@@ -56,6 +56,9 @@ def queries(backend: str) -> dict[str, TextClause]:
     return {name: text(body) for name, body in {**shared, **own}.items()}
 
 
+_NAMED_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
 @functools.cache
 def driver_sql(backend: str, name: str) -> str:
     """Query ``name`` as its driver takes it: psycopg's ``%(name)s`` parameters
@@ -66,3 +69,13 @@ def driver_sql(backend: str, name: str) -> str:
     from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
     return str(clause.compile(dialect=PGDialect_psycopg()))  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def positional_sql(name: str) -> tuple[str, tuple[str, ...]]:
+    """PostgreSQL query ``name`` with positional ``%s`` parameters, and the
+    parameter names in their order: a tuple of values costs psycopg less per
+    execution than a mapping."""
+    named = driver_sql("postgresql", name)
+    order = tuple(_NAMED_PARAMETER.findall(named))
+    return _NAMED_PARAMETER.sub("%s", named), order

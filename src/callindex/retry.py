@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +41,7 @@ from callindex.errors import ContentionError, DatabaseUnavailableError, InvalidI
 T = TypeVar("T")
 
 logger = logging.getLogger("callindex.retry")
+_RETRYABLE: Final = (DatabaseUnavailableError, ContentionError)
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,26 @@ class DatabaseRetryPolicy:
         return max(min(self.attempt_timeout, self.max_seconds), 0.001)
 
     def call(self, operation: Callable[[], T]) -> T:
-        """Run ``operation`` until it succeeds or the policy gives up."""
+        """Run ``operation`` until it succeeds or the policy gives up.
+
+        The first attempt runs outside tenacity (the hot path pays nothing for
+        the retry machinery); after a retryable failure it is logged, the first
+        wait is slept, and tenacity runs the remaining attempts.
+        """
+        try:
+            return operation()
+        except _RETRYABLE as error:
+            if self.max_attempts == 1:
+                raise
+            wait = random.uniform(0, self.initial_wait)
+            logger.warning(
+                "Retrying %s in %.3f seconds as it raised %s: %s",
+                getattr(operation, "__qualname__", "the operation"),
+                wait,
+                type(error).__name__,
+                error,
+            )
+            time.sleep(wait)
         result: T = self._retrying(operation)
         return result
 
@@ -86,9 +108,9 @@ class DatabaseRetryPolicy:
         # Built once per policy: on the hot path its construction would cost
         # about as much as the statement. Its per-call state is thread-local.
         return Retrying(
-            retry=retry_if_exception_type((DatabaseUnavailableError, ContentionError)),
+            retry=retry_if_exception_type(_RETRYABLE),
             wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
-            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_seconds),
+            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.max_seconds),
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
         )
