@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -384,14 +382,9 @@ class TestAResultLostAfterCommit:
 
         def install(recorder: CallRecorder, *markers: str) -> list[str]:
             pool = recorder._db.backend.pool
-            connection = pool.connection
-
-            @contextmanager
-            def losing() -> Iterator[Any]:
-                with connection() as conn:
-                    yield Losing(conn, markers)
-
-            monkeypatch.setattr(pool, "connection", losing)
+            acquire, release = pool.acquire, pool.release
+            monkeypatch.setattr(pool, "acquire", lambda: Losing(acquire(), markers))
+            monkeypatch.setattr(pool, "release", lambda conn: release(getattr(conn, "_conn", conn)))
             return broken
 
         return install
