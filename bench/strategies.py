@@ -318,7 +318,7 @@ def create_plain_table(url: str) -> None:
     lite.close()
 
 
-def _recorder(job: Job, *, early_release: bool = False) -> CallRecorder:
+def _recorder(job: Job, *, early_release: bool | None = None) -> CallRecorder:
     recorder = CallRecorder(
         job.url,
         retry=DatabaseRetryPolicy(max_attempts=50, max_seconds=120),
@@ -358,8 +358,13 @@ def record_call(job: Job) -> list[tuple[str, int]]:
 
 
 def record_call_early(job: Job) -> list[tuple[str, int]]:
-    """record_call with early lock release (PostgreSQL)."""
+    """record_call always with early lock release (PostgreSQL)."""
     return _record_calls(job, _recorder(job, early_release=True))
+
+
+def record_call_plain(job: Job) -> list[tuple[str, int]]:
+    """record_call never with early lock release (PostgreSQL)."""
+    return _record_calls(job, _recorder(job, early_release=False))
 
 
 def _record_calls(job: Job, recorder: CallRecorder) -> list[tuple[str, int]]:
@@ -514,11 +519,19 @@ STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "allocate_100": allocate_100,
     "record_call": record_call,
     "record_call_early": record_call_early,
+    "record_call_plain": record_call_plain,
     "begin_finish": begin_finish,
     "max_plus_one": max_plus_one,
     "select_for_update": select_for_update,
     "django_sequences": django_sequences,
 }
 POSTGRESQL_ONLY = frozenset(
-    {"nextval", "max_plus_one", "select_for_update", "django_sequences", "record_call_early"}
+    {
+        "nextval",
+        "max_plus_one",
+        "select_for_update",
+        "django_sequences",
+        "record_call_early",
+        "record_call_plain",
+    }
 )

@@ -390,6 +390,93 @@ BEGIN
 END;
 $$;
 
+CREATE PROCEDURE callindex_record_released(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision,
+    INOUT call_index bigint DEFAULT NULL,
+    INOUT created_at timestamptz DEFAULT NULL,
+    INOUT completed_at timestamptz DEFAULT NULL,
+    INOUT waited_ms double precision DEFAULT NULL
+)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    FROM counter
+    RETURNING calls.call_index, calls.created_at, calls.completed_at,
+              1000 * extract(epoch FROM clock_timestamp() - statement_timestamp())
+    INTO call_index, created_at, completed_at, waited_ms;
+    IF call_index IS NULL THEN
+        RETURN;  -- unknown state: nothing written
+    END IF;
+    -- The call's commit is asynchronous: the counter row is free from here.
+    COMMIT;
+    -- Acknowledge only once the log is on disk past that commit.
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_logical_emit_message(true, 'callindex', '');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_record_call(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    recorded calls;
+BEGIN
+    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT recorded;
+        RETURN;
+    END IF;
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    FROM counter
+    RETURNING * INTO recorded;
+    IF FOUND THEN
+        RETURN NEXT recorded;  -- no row at all: the state is unknown
+    END IF;
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_record_call(text, text, text, text, jsonb, text, '
+                   'jsonb, text, jsonb, text, double precision) SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$;
+
 UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
 
 COMMIT;

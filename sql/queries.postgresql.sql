@@ -24,6 +24,8 @@ RETURNING next_index - CAST(:count AS bigint) AS first_index;
 -- record_call and begin_call: allocate the state's next index and insert the
 -- call with it, in one statement. No row: the state is unknown. A call_id
 -- recorded already fails the statement as a whole (its counter bump too).
+-- waited_ms (the statement's time before its commit, mostly a wait for the
+-- counter row) tells the recorder when early lock release would pay.
 WITH counter AS (
     UPDATE call_index_counters SET next_index = next_index + 1
     WHERE state_id = CAST(:state_id AS text)
@@ -44,14 +46,28 @@ SELECT CAST(:call_id AS text), CAST(:state_id AS text), counter.call_index,
        CAST(:latency_ms AS double precision),
        now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END
 FROM counter, durable
-RETURNING call_index, created_at, completed_at;
+RETURNING call_index, created_at, completed_at,
+          1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()) AS waited_ms;
+
+-- record_released --
+-- insert_call with early lock release (callindex_record_released, migration
+-- 0005): the call commits asynchronously, releasing the counter row at once,
+-- and the procedure returns once a synchronous commit after it is on disk.
+CALL callindex_record_released(
+    CAST(:call_id AS text), CAST(:state_id AS text), CAST(:call_type AS text),
+    CAST(:status AS text), CAST(:request AS jsonb), CAST(:request_hash AS text),
+    CAST(:response AS jsonb), CAST(:response_hash AS text), CAST(:error AS jsonb),
+    CAST(:error_hash AS text), CAST(:latency_ms AS double precision),
+    CAST(NULL AS bigint), CAST(NULL AS timestamptz), CAST(NULL AS timestamptz),
+    CAST(NULL AS double precision)
+);
 
 -- flush_commits --
--- Early lock release: a transaction that writes one WAL record and commits
--- synchronously, so it returns only once the log is on disk past every
--- commit before it (the asynchronous one of the same pipeline included).
+-- A transaction that writes one WAL record and commits synchronously: it
+-- returns once the log is on disk past every commit before it.
 SELECT pg_logical_emit_message(true, 'callindex', '')
-FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable;
+FROM (SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true))
+    AS durable;
 
 -- finish_call --
 -- Complete a pending call; no row when it is not pending (or unknown).

@@ -48,8 +48,9 @@ def _psycopg_dsn(url: str) -> str:
 @pytest.mark.slow
 def test_acknowledged_calls_survive_crashes_of_a_server_that_defaults_to_async_commit() -> None:
     """The server's default is ``synchronous_commit = off``, one worker's URL
-    says ``off`` again and one builds its recorder from an Engine whose
-    connections say ``off``: every acknowledged call still survives
+    says ``off`` again, one builds its recorder from an Engine whose
+    connections say ``off``, one always releases the counter row early: every
+    acknowledged call still survives
     ``pg_ctl stop -m immediate``, at its index, and no index is handed out twice."""
     if not postgres_binaries_available():
         message = "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
@@ -71,7 +72,7 @@ def test_acknowledged_calls_survive_crashes_of_a_server_that_defaults_to_async_c
         plans = [
             (url_off, "url", ["hot", "a"], 200, patient, 0.002),
             (url, "engine", ["hot", "b"], 200, patient, 0.002, False, off),
-            (url_off, "url2", ["hot"], 200, patient, 0.002),
+            (url_off, "early", ["hot"], 200, patient, 0.002, False, None, True),
         ]
         crashes = []
 
@@ -108,6 +109,24 @@ def test_acknowledged_calls_survive_crashes_of_a_server_that_defaults_to_async_c
         assert len(acknowledged) == 600
         assert sum(r["retries"] for r in results) >= 2
         assert_trail_sound(url, acknowledged)
+
+
+def test_workers_of_an_earlier_version_record_through_the_sql_function(
+    postgresql_url: str,
+) -> None:
+    """During a rolling upgrade, workers of the previous version call
+    ``callindex_record_call``; it numbers the call itself, with or without the
+    numbering trigger, and stays idempotent on call_id."""
+    with CallRecorder(postgresql_url) as recorder, recorder.engine.begin() as conn:
+        recorder.open_state("s1")
+        recorder.record_call("s1", "http", "success", {}, call_id="new")
+        record = text(
+            "SELECT call_index FROM callindex_record_call(:id, 's1', 'http', 'success', "
+            "NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+        )
+        assert conn.execute(record, {"id": "old"}).scalar_one() == 1
+        assert conn.execute(record, {"id": "old"}).scalar_one() == 1
+    assert_trail_sound(postgresql_url, {"new": ("s1", 0), "old": ("s1", 1)})
 
 
 # Fork

@@ -115,6 +115,7 @@ def record_many(
     pause: float = 0.0,
     open_states: bool = False,
     engine_connect_args: dict[str, Any] | None = None,
+    early_release: bool | None = None,
 ) -> None:
     """Record ``calls`` calls round-robin over ``states`` (opening each first
     when ``open_states``), alternating one-shot and two-phase calls; report
@@ -127,7 +128,7 @@ def record_many(
         target: Any = url
         if engine_connect_args is not None:
             target = create_engine(url, connect_args=engine_connect_args)
-        with CallRecorder(target, retry=policy) as recorder:
+        with CallRecorder(target, retry=policy, early_release=early_release) as recorder:
             barrier.wait()
             for n in range(calls):
                 state_id = states[n % len(states)]

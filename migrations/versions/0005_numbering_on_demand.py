@@ -8,6 +8,11 @@ database without calls (nothing but callindex can have written there yet)
 and keeps it on one that holds calls (it may be adopted, with legacy writers
 still running). Offline SQL for SQLite removes it.
 
+``callindex_record_released`` is the early-lock-release form of that
+statement: a procedure that commits the call asynchronously (releasing the
+state's counter row at once), then commits one WAL record synchronously, so
+it returns only once the log is on disk past the call. One round trip.
+
 With callindex's write path inserting and updating counters directly, a
 least-privilege role writes counters; the counter guard now also refuses a
 move of more than 1,000,000 at once (a counter pushed out of reach is lost for
@@ -83,6 +88,137 @@ END;
 $$
 """
 
+PG_RECORD_RELEASED = """
+CREATE PROCEDURE callindex_record_released(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision,
+    INOUT call_index bigint DEFAULT NULL,
+    INOUT created_at timestamptz DEFAULT NULL,
+    INOUT completed_at timestamptz DEFAULT NULL,
+    INOUT waited_ms double precision DEFAULT NULL
+)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    FROM counter
+    RETURNING calls.call_index, calls.created_at, calls.completed_at,
+              1000 * extract(epoch FROM clock_timestamp() - statement_timestamp())
+    INTO call_index, created_at, completed_at, waited_ms;
+    IF call_index IS NULL THEN
+        RETURN;  -- unknown state: nothing written
+    END IF;
+    -- The call's commit is asynchronous: the counter row is free from here.
+    COMMIT;
+    -- Acknowledge only once the log is on disk past that commit.
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_logical_emit_message(true, 'callindex', '');
+END;
+$$
+"""
+
+# Workers of an earlier callindex call callindex_record_call during a rolling
+# upgrade; it inserted without a call_index for the numbering trigger to fill,
+# so now it numbers the call itself, as the library's statement does.
+PG_RECORD_CALL = """
+CREATE OR REPLACE FUNCTION callindex_record_call(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    recorded calls;
+BEGIN
+    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT recorded;
+        RETURN;
+    END IF;
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    FROM counter
+    RETURNING * INTO recorded;
+    IF FOUND THEN
+        RETURN NEXT recorded;  -- no row at all: the state is unknown
+    END IF;
+END;
+$$
+"""
+# 0004's definition, for the downgrade.
+PG_RECORD_CALL_4 = """
+CREATE OR REPLACE FUNCTION callindex_record_call(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    recorded calls;
+BEGIN
+    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT recorded;
+        RETURN;
+    END IF;
+    PERFORM FROM call_index_counters WHERE state_id = p_state_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO calls (
+        call_id, state_id, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at
+    ) VALUES (
+        p_call_id, p_state_id, p_call_type, p_status,
+        p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
+        p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
+    )
+    RETURNING * INTO recorded;
+    RETURN NEXT recorded;
+END;
+$$
+"""
+PG_PIN_RECORD_CALL = """
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_record_call(text, text, text, text, jsonb, text, '
+                   'jsonb, text, jsonb, text, double precision) SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$
+"""
+
 SQLITE_MOVES = f"""
 CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
 WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + {MAX_STEP}
@@ -139,6 +275,9 @@ def upgrade() -> None:
         op.execute("DROP TRIGGER callindex_guard_counters ON call_index_counters")
         op.execute(PG_MOVES)
         op.execute(PG_NUMBERING_OFF_WITHOUT_CALLS)
+        op.execute(PG_RECORD_RELEASED)
+        op.execute(PG_RECORD_CALL)
+        op.execute(PG_PIN_RECORD_CALL)
         return
     op.execute("DROP TRIGGER callindex_guard_counters")
     op.execute(SQLITE_MOVES)
@@ -151,7 +290,14 @@ def upgrade() -> None:
 def downgrade() -> None:
     # 0004 always numbers every insert: the trigger comes back.
     if _postgresql():
+        op.execute(
+            "DROP PROCEDURE IF EXISTS callindex_record_released(text, text, text, text, jsonb, "
+            "text, jsonb, text, jsonb, text, double precision, bigint, timestamptz, timestamptz, "
+            "double precision)"
+        )
         op.execute(PG_NUMBERING_ON)
+        op.execute(PG_RECORD_CALL_4)
+        op.execute(PG_PIN_RECORD_CALL)
         op.execute("DROP TRIGGER callindex_guard_counters ON call_index_counters")
         op.execute(PG_MOVES_2)
         op.execute(PG_GUARD_COUNTERS_2)

@@ -40,8 +40,6 @@ from sqlalchemy import Connection, String, inspect, text
 from callindex import migrations
 from callindex.database import Database, Statements
 from callindex.errors import AdoptionError, InvalidInputError
-from callindex.migrations import lock_timeout_statement
-from callindex.urls import sqlite_file
 
 DEFAULT_BATCH_STATES: Final = 1_000
 DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
@@ -165,7 +163,7 @@ def adopt(
     """
     if isinstance(batch_states, bool) or not isinstance(batch_states, int) or batch_states < 1:
         raise InvalidInputError(f"batch_states must be a positive integer, not {batch_states!r}")
-    if db.name == "sqlite" and not sqlite_file(db.engine.url).exists():
+    if not db.backend.database_exists():
         raise AdoptionError(f"{db.display_url} does not exist: there is nothing to adopt")
     if migrations.current_revision(db) is None:
         check(db)
@@ -257,6 +255,5 @@ def _next_batch(statements: Statements, after: str, batch_states: int) -> tuple[
 
 
 def _backfill(statements: Statements, after: str, last: str, lock_timeout_seconds: float) -> None:
-    if statements.db.name == "postgresql":
-        statements.connection.execute(text(lock_timeout_statement(lock_timeout_seconds)))
+    statements.db.backend.bound_lock_waits(statements.connection, lock_timeout_seconds)
     statements.rows("backfill_counters", {"after": after, "last": last})

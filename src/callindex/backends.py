@@ -22,6 +22,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,10 +167,6 @@ class Backend:
         self.engine.dispose(close=False)
         self.pool.forget()
 
-    def close(self) -> None:
-        self.pool.close()
-        self.engine.dispose()
-
     # Connections of the pool
     def _connect(self) -> Any:
         raise NotImplementedError
@@ -186,6 +183,13 @@ class Backend:
 
     def lock_for_upgrade(self, connection: Connection) -> None:
         """Serialise schema changes of one database (inside the migration's transaction)."""
+
+    def bound_lock_waits(self, connection: Connection, seconds: float) -> None:
+        """Bound this transaction's waits for a lock (SQLite: the busy timeout does)."""
+
+    def database_exists(self) -> bool:
+        """Whether the database is there to open (a SQLite file may not be yet)."""
+        return self.sqlite_path is None or self.sqlite_path.exists()
 
     # The write path: one attempt each
     def open_state(self, state_id: str) -> None:
@@ -204,6 +208,11 @@ class Backend:
     def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """Finish a pending call; its recorded columns, or ``None`` when not pending."""
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Return once everything committed so far is on disk (before a call found
+        recorded by an earlier attempt is acknowledged: that attempt may have
+        committed without waiting for the disk)."""
 
     # The same statements inside a caller's transaction (SQLAlchemy connection)
     def open_state_in(self, connection: Connection, state_id: str) -> None:
@@ -232,14 +241,19 @@ def _loads(value: str | None) -> Any:
 class PostgreSQLBackend(Backend):
     """psycopg 3, autocommit, prepared statements; one round trip per write.
 
-    ``early_release``: a write commits asynchronously, releasing the state's
-    counter row at once, and a second small transaction in the same pipeline
-    commits synchronously, so the call is acknowledged only once the log is
-    flushed past it (the log is sequential). It pays when many writers share
-    one state; see the README's measurements.
+    Early lock release (``record_call`` and ``begin_call``): the call commits
+    asynchronously inside ``callindex_record_released``, releasing the
+    state's counter row at once, and the procedure then commits one WAL
+    record synchronously, so the call is acknowledged only once the log is
+    flushed past it. ``early_release=None`` (adaptive) uses it for a while
+    after a write waited more than ``CONTENDED_AFTER_MS`` before its commit
+    (another writer held the counter row through its disk flush), and the
+    plain statement otherwise.
     """
 
     name = "postgresql"
+    CONTENDED_AFTER_MS: ClassVar[float] = 1.0
+    CONTENDED_FOR_SECONDS: ClassVar[float] = 2.0
 
     def __init__(
         self,
@@ -248,16 +262,18 @@ class PostgreSQLBackend(Backend):
         attempt_seconds: float,
         pool_size: int,
         *,
-        early_release: bool = False,
+        early_release: bool | None = None,
     ) -> None:
         super().__init__(engine, where, attempt_seconds, pool_size)
         self.early_release = early_release
+        self._contended_until = 0.0
         self._sql = {
             name: positional_sql(name)
             for name in (
                 "open_state",
                 "allocate_call_index",
                 "insert_call",
+                "record_released",
                 "finish_call",
                 "find_call_index",
                 "flush_commits",
@@ -277,10 +293,14 @@ class PostgreSQLBackend(Backend):
     def _connect(self) -> psycopg.Connection[Any]:
         with self.translated():
             conn: psycopg.Connection[Any] = _detached(self.engine)
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.rollback()
-            conn.autocommit = True
-            conn.execute(self._session)
+            try:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+                conn.execute(self._session)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     def _reusable(self, conn: psycopg.Connection[Any]) -> bool:
@@ -300,35 +320,40 @@ class PostgreSQLBackend(Backend):
     def lock_for_upgrade(self, connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
 
+    def bound_lock_waits(self, connection: Connection, seconds: float) -> None:
+        milliseconds = max(1, round(seconds * 1000))
+        connection.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
+
     def _with_durability(self, parameters: dict[str, Any]) -> dict[str, Any]:
         return {**parameters, "synchronous_commit": "on"}
 
     def _write(self, name: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
         """One write that commits by itself, durably, in one round trip (raw driver errors)."""
+        parameters["synchronous_commit"] = "on"
         sql, order = self._sql[name]
         conn = self.pool.acquire()
         try:
-            if not self.early_release:
-                parameters["synchronous_commit"] = "on"
-                values = [parameters[key] for key in order]
-                rows: list[tuple[Any, ...]] = conn.execute(sql, values, prepare=True).fetchall()
-                return rows
-            parameters["synchronous_commit"] = "off"
-            values = [parameters[key] for key in order]
-            with conn.pipeline() as pipeline:
-                cursor = conn.execute(sql, values, prepare=True)
-                pipeline.sync()
-                conn.execute(self._sql["flush_commits"][0], prepare=True)
-            rows = cursor.fetchall()
+            rows: list[tuple[Any, ...]] = conn.execute(
+                sql, [parameters[key] for key in order], prepare=True
+            ).fetchall()
             return rows
         finally:
             self.pool.release(conn)
 
     def _execute(
         self, conn: psycopg.Connection[Any], name: str, parameters: Mapping[str, Any]
-    ) -> Any:
+    ) -> psycopg.Cursor[Any]:
         sql, order = self._sql[name]
         return conn.execute(sql, [parameters[key] for key in order], prepare=True)
+
+    def flush(self) -> None:
+        with self.translated():
+            self._write("flush_commits", {})
+
+    def _releases_early(self) -> bool:
+        if self.early_release is None:
+            return time.monotonic() < self._contended_until
+        return self.early_release
 
     def open_state(self, state_id: str) -> None:
         with self.translated():
@@ -357,17 +382,20 @@ class PostgreSQLBackend(Backend):
             return first
 
     def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+        statement = "record_released" if self._releases_early() else "insert_call"
         with self.translated():
             try:
-                rows = self._write("insert_call", dict(parameters))
+                rows = self._write(statement, dict(parameters))
             except psycopg.errors.UniqueViolation:
                 # By meaning, not by constraint name: is the call_id recorded?
                 if self._recorded(parameters["call_id"]):
                     raise CallIdTaken from None
                 raise
-        if not rows:
+        if not rows or rows[0][0] is None:
             raise UnknownStateError(parameters["state_id"])
-        call_index, created_at, completed_at = rows[0]
+        call_index, created_at, completed_at, waited_ms = rows[0]
+        if self.early_release is None and waited_ms > self.CONTENDED_AFTER_MS:
+            self._contended_until = time.monotonic() + self.CONTENDED_FOR_SECONDS
         return Inserted(int(call_index), created_at, completed_at)
 
     def _recorded(self, call_id: str) -> bool:
@@ -433,7 +461,8 @@ class SQLiteBackend(Backend):
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 

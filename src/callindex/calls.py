@@ -190,6 +190,7 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
         call = db.read(lambda statements: find(statements, parameters["call_id"]))
         assert call is not None, "a call_id refused as taken is recorded"
         _ensure_same_call(call, parameters)
+        db.write(lambda backend: backend.flush())
         return call
     return Call(
         call_id=parameters["call_id"],

@@ -89,7 +89,11 @@ def build_engine(
     (called by the migrations) creates it.
     """
     parsed = parse_url(url)
-    pool = {"pool_size": ENGINE_POOL_SIZE, "max_overflow": ENGINE_MAX_OVERFLOW}
+    pool = {
+        "pool_size": ENGINE_POOL_SIZE,
+        "max_overflow": ENGINE_MAX_OVERFLOW,
+        "pool_timeout": busy_timeout_seconds,
+    }
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(parsed)
         timeout = parsed.query.get("timeout", str(busy_timeout_seconds))
@@ -137,7 +141,7 @@ def _forget_after_fork() -> None:
 
 
 def _acquire(
-    url_or_engine: str | URL | Engine, policy: DatabaseRetryPolicy, early_release: bool
+    url_or_engine: str | URL | Engine, policy: DatabaseRetryPolicy, early_release: bool | None
 ) -> Shared:
     global _FORK_HANDLER_INSTALLED
     attempt = policy.attempt_seconds
@@ -160,7 +164,9 @@ def _acquire(
         return shared
 
 
-def _create(url_or_engine: str | URL | Engine, attempt: float, early_release: bool) -> Shared:
+def _create(
+    url_or_engine: str | URL | Engine, attempt: float, early_release: bool | None
+) -> Shared:
     if isinstance(url_or_engine, Engine):
         engine = url_or_engine
         where = display_url(engine.url)
@@ -212,7 +218,7 @@ class Database:
         url_or_engine: str | URL | Engine,
         retry: DatabaseRetryPolicy | None = None,
         *,
-        early_release: bool = False,
+        early_release: bool | None = None,
     ) -> None:
         self.retry = retry or DatabaseRetryPolicy()
         shared = _acquire(url_or_engine, self.retry, early_release)

@@ -25,14 +25,9 @@ from callindex.database import Database, Statements
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from callindex.resources import resource_dir
 from callindex.schema import metadata
-from callindex.urls import parse_url, sqlite_file
+from callindex.urls import parse_url
 
 VERSION_TABLE: Final = "callindex_alembic_version"
-
-
-def lock_timeout_statement(seconds: float) -> str:
-    """PostgreSQL: bound this transaction's waits for a lock."""
-    return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}"
 
 
 def alembic_config(
@@ -71,7 +66,7 @@ def current_revision(db: Database) -> str | None:
         )
         return context.get_current_revision()
 
-    if db.name == "sqlite" and not sqlite_file(db.engine.url).exists():
+    if not db.backend.database_exists():
         return None
     return db.read(read)
 
@@ -124,8 +119,8 @@ def _run(
     def migrate(statements: Statements) -> None:
         conn = statements.connection
         db.backend.lock_for_upgrade(conn)
-        if lock_timeout_seconds is not None and db.name == "postgresql":
-            conn.execute(text(lock_timeout_statement(lock_timeout_seconds)))
+        if lock_timeout_seconds is not None:
+            db.backend.bound_lock_waits(conn, lock_timeout_seconds)
         config = alembic_config(connection=conn)
         try:
             getattr(command, direction)(config, revision)
@@ -242,6 +237,8 @@ def set_legacy_writers(db: Database, on: bool) -> None:
 
     def switch(statements: Statements) -> None:
         db.backend.lock_for_upgrade(statements.connection)
+        # Inserts queue behind a waiting CREATE or DROP TRIGGER: wait briefly.
+        db.backend.bound_lock_waits(statements.connection, db.retry.attempt_seconds)
         numbering.set_legacy_writers(statements, on)
 
     db.run(switch)

@@ -27,10 +27,12 @@ class CallRecorder:
     database in one process share its connections (at most 8 for writes, 8
     for reads and maintenance), and a forked child opens its own.
 
-    ``early_release`` (PostgreSQL): commit each write asynchronously and
-    acknowledge it after a synchronous flush in the same round trip, so a
-    state's counter row is held for no fsync. It pays when many workers write
-    one state; see "Early lock release" in the docs.
+    ``early_release`` (PostgreSQL, ``record_call`` and ``begin_call``): commit
+    the call asynchronously and acknowledge it after a synchronous flush in
+    the same round trip, so a state's counter row is not held through a disk
+    flush. ``None`` (the default) adapts: early release while writes find
+    the counter row held by another writer, the plain statement otherwise;
+    ``True`` and ``False`` force one way. See "Early lock release" in the docs.
     """
 
     def __init__(
@@ -38,7 +40,7 @@ class CallRecorder:
         url_or_engine: str | URL | Engine,
         *,
         retry: DatabaseRetryPolicy | None = None,
-        early_release: bool = False,
+        early_release: bool | None = None,
     ) -> None:
         self._db = Database(url_or_engine, retry=retry, early_release=early_release)
 

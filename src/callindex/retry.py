@@ -86,12 +86,14 @@ class DatabaseRetryPolicy:
         the retry machinery); after a retryable failure it is logged, the first
         wait is slept, and tenacity runs the remaining attempts.
         """
+        started = time.monotonic()
         try:
             return operation()
         except _RETRYABLE as error:
-            if self.max_attempts == 1:
+            remaining = self.max_seconds - (time.monotonic() - started)
+            if self.max_attempts == 1 or remaining <= 0:
                 raise
-            wait = random.uniform(0, self.initial_wait)
+            wait = min(random.uniform(0, self.initial_wait), remaining)
             logger.warning(
                 "Retrying %s in %.3f seconds as it raised %s: %s",
                 getattr(operation, "__qualname__", "the operation"),
@@ -100,7 +102,12 @@ class DatabaseRetryPolicy:
                 error,
             )
             time.sleep(wait)
-        result: T = self._retrying(operation)
+        # The policy's time counts from the first attempt.
+        remaining = max(self.max_seconds - (time.monotonic() - started), 0.0)
+        retrying = self._retrying.copy(
+            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(remaining)
+        )
+        result: T = retrying(operation)
         return result
 
     @functools.cached_property
