@@ -477,6 +477,12 @@ BEGIN
 END;
 $$;
 
+DROP TRIGGER callindex_guard_calls ON calls;
+
+CREATE TRIGGER callindex_guard_calls BEFORE DELETE ON calls FOR EACH ROW EXECUTE FUNCTION callindex_guard_calls();
+
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls FOR EACH ROW WHEN (OLD.status <> 'pending' OR NEW.status = 'pending' OR NEW.completed_at IS NULL OR NEW.call_id IS DISTINCT FROM OLD.call_id OR NEW.state_id IS DISTINCT FROM OLD.state_id OR NEW.call_index IS DISTINCT FROM OLD.call_index OR NEW.call_type IS DISTINCT FROM OLD.call_type OR NEW.request IS DISTINCT FROM OLD.request OR NEW.request_hash IS DISTINCT FROM OLD.request_hash OR NEW.created_at IS DISTINCT FROM OLD.created_at) EXECUTE FUNCTION callindex_guard_calls();
+
 UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
 
 COMMIT;
