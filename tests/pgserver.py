@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,6 +125,35 @@ class ThrowawayPostgres:
     def stop(self) -> None:
         if self.is_running():
             self._pg_ctl("-m", "fast", "stop")
+
+    def recorded_calls(self) -> int:
+        """Rows in ``calls`` right now; 0 while the server is down."""
+        conninfo = f"host=127.0.0.1 port={self.port} user={PG_USER} dbname=postgres"
+        try:
+            with psycopg.connect(conninfo, connect_timeout=2) as conn:
+                row = conn.execute("SELECT count(*) FROM calls").fetchone()
+                return int(row[0]) if row else 0
+        except psycopg.OperationalError:
+            return 0
+
+    def crash_at(self, thresholds: tuple[int, ...], crashes: list[int]) -> threading.Thread:
+        """A started thread that crashes the server (``stop_immediate``) once
+        ``calls`` holds each threshold of rows (whatever the machine's speed),
+        restarts it a second later, and appends the rows seen to ``crashes``."""
+
+        def crash() -> None:
+            for threshold in thresholds:
+                deadline = time.monotonic() + 120
+                while self.recorded_calls() < threshold and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                self.stop_immediate()
+                crashes.append(self.recorded_calls())
+                time.sleep(1.0)
+                self.start()
+
+        thread = threading.Thread(target=crash)
+        thread.start()
+        return thread
 
     def is_running(self) -> bool:
         # The exit status is the answer (0 running, 3 stopped), hence no check.

@@ -158,30 +158,9 @@ def test_postgresql_crashes_and_restarts_while_workers_record(crashable_postgres
             recorder.open_state(state_id)
     patient = DatabaseRetryPolicy(max_attempts=100, max_seconds=90, max_wait=0.5)
     plans = [(url, f"w{n}", ["hot", "a" if n % 2 else "b"], 200, patient, 0.004) for n in range(4)]
-    crashes = []
-
-    def recorded_so_far() -> int:
-        dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
-        try:
-            with psycopg.connect(dsn, connect_timeout=2) as conn:
-                row = conn.execute("SELECT count(*) FROM calls").fetchone()
-                return int(row[0]) if row else 0
-        except psycopg.OperationalError:
-            return 0
-
-    def crash_twice() -> None:
-        # Crash at a quarter and at half of the work, whatever the machine's speed.
-        for threshold in (200, 400):
-            deadline = time.monotonic() + 120
-            while recorded_so_far() < threshold and time.monotonic() < deadline:
-                time.sleep(0.05)
-            crashable_postgres.stop_immediate()
-            crashes.append(recorded_so_far())
-            time.sleep(1.0)
-            crashable_postgres.start()
-
-    crasher = threading.Thread(target=crash_twice)
-    crasher.start()
+    crashes: list[int] = []
+    # Crash at a quarter and at half of the work.
+    crasher = crashable_postgres.crash_at((200, 400), crashes)
     try:
         results = run_workers(record_many, plans, timeout=240)
     finally:

@@ -33,7 +33,7 @@ from callindex import (
 )
 
 from conftest import IN_CI, assert_trail_sound, call_rows
-from workers import run_workers
+from workers import record_many, run_workers
 
 FORK = multiprocessing.get_context("fork")
 
@@ -74,30 +74,8 @@ def test_acknowledged_calls_survive_crashes_of_a_server_that_defaults_to_async_c
             (url, "engine", ["hot", "b"], 200, patient, 0.002, False, off),
             (url_off, "early", ["hot"], 200, patient, 0.002, False, None, True),
         ]
-        crashes = []
-
-        def recorded_so_far() -> int:
-            try:
-                with psycopg.connect(_psycopg_dsn(url), connect_timeout=2) as conn:
-                    row = conn.execute("SELECT count(*) FROM calls").fetchone()
-                    return int(row[0]) if row else 0
-            except psycopg.OperationalError:
-                return 0
-
-        def crash_twice() -> None:
-            for threshold in (150, 350):
-                deadline = time.monotonic() + 120
-                while recorded_so_far() < threshold and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                server.stop_immediate()
-                crashes.append(threshold)
-                time.sleep(1.0)
-                server.start()
-
-        from workers import record_many
-
-        crasher = threading.Thread(target=crash_twice)
-        crasher.start()
+        crashes: list[int] = []
+        crasher = server.crash_at((150, 350), crashes)
         try:
             results = run_workers(record_many, plans, timeout=240)
         finally:
