@@ -13,7 +13,8 @@
 --
 -- callindex_app, the pipelines' role, may
 --   * SELECT calls and INSERT them, with every column but recorded_by, which
---     the database sets to the login role (session_user);
+--     the database sets to the login role (session_user), and only at an index
+--     its state's counter has handed out (trigger callindex_vouch_index);
 --   * read the counters and move one forward (UPDATE of next_index), as
 --     callindex's write path does: the counter guard refuses a move back, a
 --     move of more than 1,000,000 at once (each step is bounded, not their

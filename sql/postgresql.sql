@@ -483,6 +483,36 @@ CREATE TRIGGER callindex_guard_calls BEFORE DELETE ON calls FOR EACH ROW EXECUTE
 
 CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls FOR EACH ROW WHEN (OLD.status <> 'pending' OR NEW.status = 'pending' OR NEW.completed_at IS NULL OR NEW.call_id IS DISTINCT FROM OLD.call_id OR NEW.state_id IS DISTINCT FROM OLD.state_id OR NEW.call_index IS DISTINCT FROM OLD.call_index OR NEW.call_type IS DISTINCT FROM OLD.call_type OR NEW.request IS DISTINCT FROM OLD.request OR NEW.request_hash IS DISTINCT FROM OLD.request_hash OR NEW.created_at IS DISTINCT FROM OLD.created_at) EXECUTE FUNCTION callindex_guard_calls();
 
+CREATE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+    REVOKE EXECUTE ON FUNCTION callindex_vouch_index() FROM PUBLIC;
+    EXECUTE format('CREATE TRIGGER callindex_vouch_index BEFORE INSERT ON calls FOR EACH ROW '
+                   'WHEN (current_user <> %L) EXECUTE FUNCTION callindex_vouch_index()',
+                   current_user);
+END;
+$$;
+
 UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
 
 COMMIT;

@@ -204,6 +204,20 @@ class TestWhatAnInsertCannotForge:
             ).scalar_one()
         assert recorded_by == "callindex_test_app"
 
+    @pytest.mark.parametrize("call_index", [1, 9223372036854775806])
+    def test_an_index_the_counter_did_not_hand_out_is_refused(
+        self, roles: str, call_index: int
+    ) -> None:
+        with pytest.raises(exc.DBAPIError, match="was not handed out by its counter"):
+            self.insert(roles, f"('ahead', 's', {call_index}, 'http', 'success')")
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            assert app.record_call("s", "http", "success", {}).call_index == 0
+            assert app.allocate_call_index("s", 3) == 1
+        self.insert(roles, "('reserved', 's', 2, 'http', 'success')")  # handed out: taken
+        with CallRecorder(roles) as owner:
+            assert [c.call_index for c in owner.calls("s")] == [0, 2]
+            assert owner.verify().ok
+
     def test_a_counter_cannot_be_pushed_out_of_reach(self, roles: str) -> None:
         database = Database(roles)
         migrations.set_legacy_writers(database, True)

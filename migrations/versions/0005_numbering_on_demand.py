@@ -16,7 +16,10 @@ it returns only once the log is on disk past the call. One round trip.
 With callindex's write path inserting and updating counters directly, a
 least-privilege role writes counters; the counter guard now also refuses a
 move of more than 1,000,000 at once (a counter pushed out of reach is lost for
-good, since counters never move back).
+good, since counters never move back). An insert by any role but the owner
+must carry an index its state's counter has handed out
+(``callindex_vouch_index``), so such a role cannot plant a call ahead of the
+counter; the owner's inserts (and SECURITY DEFINER functions) skip the check.
 
 Revision ID: 0005
 Revises: 0004
@@ -241,6 +244,41 @@ PG_GUARD_CALLS_2 = (
     "FOR EACH ROW EXECUTE FUNCTION callindex_guard_calls()"
 )
 
+PG_VOUCH_INDEX = """
+CREATE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$
+"""
+# After the numbering trigger (BEFORE triggers fire in name order), and only
+# for roles other than the owner who runs this migration.
+PG_VOUCH_INDEX_TRIGGER = """
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+    REVOKE EXECUTE ON FUNCTION callindex_vouch_index() FROM PUBLIC;
+    EXECUTE format('CREATE TRIGGER callindex_vouch_index BEFORE INSERT ON calls FOR EACH ROW '
+                   'WHEN (current_user <> %L) EXECUTE FUNCTION callindex_vouch_index()',
+                   current_user);
+END;
+$$
+"""
+
 SQLITE_MOVES = f"""
 CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
 WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + {MAX_STEP}
@@ -303,6 +341,8 @@ def upgrade() -> None:
         op.execute("DROP TRIGGER callindex_guard_calls ON calls")
         op.execute(PG_GUARD_CALLS_DELETE)
         op.execute(PG_GUARD_CALLS_UPDATE)
+        op.execute(PG_VOUCH_INDEX)
+        op.execute(PG_VOUCH_INDEX_TRIGGER)
         return
     op.execute("DROP TRIGGER callindex_guard_counters")
     op.execute(SQLITE_MOVES)
@@ -315,6 +355,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     # 0004 always numbers every insert: the trigger comes back.
     if _postgresql():
+        op.execute("DROP TRIGGER IF EXISTS callindex_vouch_index ON calls")
+        op.execute("DROP FUNCTION IF EXISTS callindex_vouch_index()")
         op.execute(
             "DROP PROCEDURE IF EXISTS callindex_record_released(text, text, text, text, jsonb, "
             "text, jsonb, text, jsonb, text, double precision, bigint, timestamptz, timestamptz, "
