@@ -530,9 +530,3 @@ class SQLiteBackend(Backend):
 
 def _sqlite_time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
-BACKENDS: Final[dict[str, type[Backend]]] = {
-    "postgresql": PostgreSQLBackend,
-    "sqlite": SQLiteBackend,
-}

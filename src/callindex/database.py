@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from sqlalchemy import URL, Connection, Engine, Executable, create_engine, event
 
-from callindex.backends import BACKENDS, DEFAULT_POOL_SIZE, Backend, PostgreSQLBackend
+from callindex.backends import DEFAULT_POOL_SIZE, Backend, PostgreSQLBackend, SQLiteBackend
 from callindex.errors import ConfigurationError
 from callindex.resources import queries
 from callindex.retry import DatabaseRetryPolicy
@@ -173,14 +173,13 @@ def _create(
     else:
         engine = build_engine(url_or_engine, busy_timeout_seconds=attempt)
         where = display_url(parse_url(url_or_engine))
-    name = engine.dialect.name
     backend: Backend
-    if name == "postgresql":
+    if engine.dialect.name == "postgresql":
         backend = PostgreSQLBackend(
             engine, where, attempt, DEFAULT_POOL_SIZE, early_release=early_release
         )
     else:
-        backend = BACKENDS[name](engine, where, attempt, DEFAULT_POOL_SIZE)
+        backend = SQLiteBackend(engine, where, attempt, DEFAULT_POOL_SIZE)
         _configure_sqlite(engine, backend)
     return Shared(engine=engine, backend=backend, display_url=where)
 
