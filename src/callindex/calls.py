@@ -192,22 +192,27 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
         _ensure_same_call(call, parameters)
         db.write(lambda backend: backend.flush())
         return call
-    return Call(
-        call_id=parameters["call_id"],
-        state_id=parameters["state_id"],
+    return _as_written(
+        parameters,
         call_index=inserted.call_index,
-        call_type=parameters["call_type"],
-        status=parameters["status"],
-        request=_decoded(parameters["request"]),
-        request_hash=parameters["request_hash"],
-        response=_decoded(parameters["response"]),
-        response_hash=parameters["response_hash"],
-        error=_decoded(parameters["error"]),
-        error_hash=parameters["error_hash"],
-        latency_ms=parameters["latency_ms"],
-        created_at=_timestamp(inserted.created_at),
-        completed_at=_timestamp(inserted.completed_at) if inserted.completed_at else None,
+        created_at=inserted.created_at,
+        completed_at=inserted.completed_at,
     )
+
+
+def _as_written(parameters: Mapping[str, Any], **decided: Any) -> Call:
+    """The call as written: what callindex sent (its payloads as JSON text) and
+    what the database decided (``decided``: index, timestamps, ...)."""
+    return Call.from_row(
+        {
+            **parameters,
+            **{name: _decoded(parameters[name]) for name in _PAYLOADS if name in parameters},
+            **decided,
+        }
+    )
+
+
+_PAYLOADS: Final = ("request", "response", "error")
 
 
 def _decoded(text: str | None) -> Any:
@@ -240,22 +245,7 @@ def finish(db: Database, call_id: str, outcome: Outcome) -> Call:
     parameters = {"call_id": call_id, **outcome.parameters()}
     row = db.write(lambda backend: backend.finish_call(parameters))
     if row is not None:
-        return Call(
-            call_id=call_id,
-            state_id=row["state_id"],
-            call_index=int(row["call_index"]),
-            call_type=row["call_type"],
-            status=outcome.status,
-            request=row["request"],
-            request_hash=row["request_hash"],
-            response=_decoded(parameters["response"]),
-            response_hash=parameters["response_hash"],
-            error=_decoded(parameters["error"]),
-            error_hash=parameters["error_hash"],
-            latency_ms=outcome.latency_ms,
-            created_at=_timestamp(row["created_at"]),
-            completed_at=_timestamp(row["completed_at"]),
-        )
+        return _as_written(parameters, **row)
     call = db.read(lambda statements: find(statements, call_id))
     if call is None:
         raise UnknownCallError(call_id)
