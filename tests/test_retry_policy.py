@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
+from tenacity import RetryCallState
 
 from callindex import InvalidInputError, Redactor, RetryPolicy
 from callindex.redaction import is_sensitive
-from callindex.retry import RETRY_STATUSES, retry_after_seconds
+from callindex.retry import RETRY_STATUSES, RetryableResponse, retry_after_seconds
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -28,10 +30,31 @@ NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
         ({"retry-after-ms": "soon", "Retry-After": "9"}, 9.0),
         ({"Retry-After": "whenever"}, None),
         ({}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "inf"}, None),
+        ({"Retry-After": "-inf"}, None),
+        ({"retry-after-ms": "nan", "Retry-After": "2"}, 2.0),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "-1e309"}, None),
+        ({"Retry-After": "1e400"}, None),
+        ({"Retry-After": "Fri, 31 Dec 99999 23:59:59 GMT"}, None),
     ],
 )
 def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
     assert retry_after_seconds(httpx.Headers(headers), now=NOW) == seconds
+
+
+@pytest.mark.parametrize("asked", ["nan", "inf", "-5", "1e300", "99999999"])
+def test_a_hostile_retry_after_never_reaches_sleep_unbounded(asked: str) -> None:
+    """What the wait gives tenacity's sleep is a finite number within the cap."""
+    policy = RetryPolicy(max_retry_after=2.0, initial_wait=0.1, max_wait=0.5)
+    wait = policy.tenacity_arguments()["wait"]
+    response = httpx.Response(429, headers={"Retry-After": asked})
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+    state.attempt_number = 1
+    state.set_exception((RetryableResponse, RetryableResponse(response), None))
+    waited = wait(state)
+    assert math.isfinite(waited) and 0 <= waited <= 2.0
 
 
 def test_retried_statuses() -> None:

@@ -154,26 +154,32 @@ class RetryableResponse(Exception):
 
 def retry_after_seconds(headers: httpx.Headers, now: datetime | None = None) -> float | None:
     """The delay a response asks for: ``retry-after-ms``, else ``Retry-After`` in
-    seconds or as an HTTP date; ``None`` when absent or unreadable."""
-    if (milliseconds := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(float(milliseconds) / 1000, 0.0)
-        except ValueError:
-            pass
+    seconds or as an HTTP date; ``None`` when absent, unreadable or not a finite
+    number (``nan``, ``inf``); a delay in the past is 0."""
+    if (milliseconds := _finite(headers.get("retry-after-ms"))) is not None:
+        return max(milliseconds / 1000, 0.0)
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
+    if (seconds := _finite(value)) is not None:
+        return max(seconds, 0.0)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+
+
+def _finite(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class wait_retry_after(wait_base):
