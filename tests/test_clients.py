@@ -98,6 +98,11 @@ class TestRetries:
         assert [c.status for c in recorded] == ["error", "error", "success"]
         assert [c.response["status_code"] for c in recorded] == [429, 429, 200]
         assert recorded[0].response["body"]["json"] == {"error": {"message": "rate limited"}}
+        assert [c.error for c in recorded] == [
+            {"type": "http_status", "status_code": 429, "reason": "Too Many Requests"},
+            {"type": "http_status", "status_code": 429, "reason": "Too Many Requests"},
+            None,
+        ]
         assert len({c.request["operation_id"] for c in recorded}) == 1
 
     def test_retry_after_ms_and_5xx_and_dropped_connections(

@@ -108,6 +108,9 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
 
+_MAX_REASON = 200  # characters of a server's reason phrase kept in the error payload
+
+
 class _Exchange:
     """One request through the transport, from ``begin_call`` to ``finish_call``."""
 
@@ -162,11 +165,17 @@ class _Exchange:
         if self.finished or self.call is None:
             return
         self.finished = True
-        status: FinalStatus = "success" if 200 <= self.response.status_code < 300 else "error"
+        code = self.response.status_code
+        status: FinalStatus = "success" if 200 <= code < 300 else "error"
+        error = None
+        if status == "error":
+            reason = self.transport.redactor.scrub(str(self.response.reason_phrase), self.secrets)
+            error = {"type": "http_status", "status_code": code, "reason": reason[:_MAX_REASON]}
         self.transport.recorder.finish_call(
             self.call.call_id,
             status,
             response=self._response_payload(complete=complete),
+            error=error,
             latency_ms=self._elapsed_ms(),
         )
 
