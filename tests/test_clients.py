@@ -25,6 +25,7 @@ from callindex import (
     Redactor,
     RetryPolicy,
 )
+from callindex.clients.bodies import BodyTap
 from callindex.loopback import LoopbackAPI, Reply
 
 from conftest import assert_trail_sound, call_rows
@@ -387,3 +388,39 @@ def test_async_clients_make_100_concurrent_calls_that_overlap(
     assert all(c.status == "success" for c in recorded)
     assert_trail_sound(db_url, acknowledged(opened, "s1"))
     assert len(call_rows(db_url)) == 100
+
+
+class TestBodiesTheTrailCannotStoreAsJSON:
+    """A body Python's json parses but the trail cannot store as JSON is kept
+    as text, with a note of why; the caller gets its response and the call is
+    finished."""
+
+    @pytest.mark.parametrize(
+        ("body", "why"),
+        [
+            (b'{"a": NaN}', "NaN is not a number JSON can store"),
+            (b"[Infinity, -Infinity]", "Infinity is not a number JSON can store"),
+            (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to parse"),
+            (b"[" * 70 + b"]" * 70, "nested deeper than 64 levels"),
+            (b'{"a": "\\u0000"}', "contains a NUL character"),
+        ],
+    )
+    def test_kept_as_text_with_a_note(self, body: bytes, why: str) -> None:
+        record = BodyTap(body).record("application/json")
+        assert record is not None
+        assert "json" not in record
+        assert record["text"] == body.decode()[: len(record["text"])]
+        assert why in record["note"]
+
+    def test_a_nan_response_is_recorded_and_returned(
+        self, opened: CallRecorder, api: LoopbackAPI
+    ) -> None:
+        api.plan(Reply(200, body={"score": float("nan"), "ok": True}))
+        with AuditedHTTPClient(opened, "s1", base_url=api.url, retry=None) as http:
+            response = http.get("/items/1")
+        assert response.status_code == 200
+        assert response.text == '{"score": NaN, "ok": true}'
+        (call,) = opened.calls("s1")
+        assert call.status == "success"
+        assert call.response["body"]["text"] == '{"score": NaN, "ok": true}'
+        assert "NaN" in call.response["body"]["note"]

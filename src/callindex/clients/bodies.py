@@ -8,6 +8,9 @@ import hashlib
 import json
 from typing import Any, Final
 
+from callindex import payloads
+from callindex.errors import InvalidPayloadError
+
 MAX_BODY_BYTES: Final = 256 * 1024
 
 
@@ -46,10 +49,12 @@ class BodyTap:
             record["truncated"] = True
             record["sha256"] = self._hash.hexdigest()
         elif complete and _looks_like_json(content_type, head):
-            parsed, ok = _json(head)
-            if ok:
+            parsed, unstorable = _json(head)
+            if unstorable is None and parsed is not _NOT_JSON:
                 record["json"] = parsed
                 return record
+            if unstorable is not None:
+                record["note"] = f"JSON kept as text: {unstorable}"
         text = _text(head, truncated=truncated or not complete)
         if text is not None:
             record["text"] = text
@@ -64,16 +69,35 @@ def _looks_like_json(content_type: str | None, content: bytes) -> bool:
     return content.lstrip()[:1] in (b"{", b"[")
 
 
-def _json(content: bytes) -> tuple[Any, bool]:
+_NOT_JSON: Final = object()
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotFinite(name)
+
+
+def _json(content: bytes) -> tuple[Any, str | None]:
+    """The parsed body, or why a body that parses cannot be stored as JSON
+    (``_NOT_JSON`` and ``None`` when it is not JSON at all)."""
     try:
-        value = json.loads(content)
-        # JSON may spell NUL or a lone surrogate as an escape: PostgreSQL's
-        # JSONB cannot store either, so such a body is kept as text instead.
-        encoded = json.dumps(value, ensure_ascii=False)
-        encoded.encode("utf-8")
+        value = json.loads(content, parse_constant=_refuse_constant)
+    except _NotFinite as error:
+        return _NOT_JSON, f"{error} is not a number JSON can store"
+    except RecursionError:
+        return _NOT_JSON, "nested too deeply to parse"
     except (ValueError, UnicodeError):
-        return None, False
-    return value, "\\u0000" not in encoded
+        return _NOT_JSON, None
+    try:
+        # What the trail refuses (NUL or a lone surrogate spelled as an
+        # escape, nesting past its limit) is kept as text instead.
+        payloads.prepare("body", value)
+    except InvalidPayloadError as error:
+        return _NOT_JSON, str(error).removeprefix("body ")
+    return value, None
 
 
 def _text(content: bytes, *, truncated: bool) -> str | None:
