@@ -11,8 +11,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import hishel
+import hishel.httpx as hishel_httpx
 import httpx
 import pytest
+import respx
 from sqlalchemy import text
 
 from callindex import (
@@ -424,3 +427,77 @@ class TestBodiesTheTrailCannotStoreAsJSON:
         assert call.status == "success"
         assert call.response["body"]["text"] == '{"score": NaN, "ok": true}'
         assert "NaN" in call.response["body"]["note"]
+
+
+class TestResponsesTheInnerTransportReadAlready:
+    """A mock or caching inner transport hands back a response whose body is
+    read already: the call is finished with that body all the same."""
+
+    @staticmethod
+    def mock(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/missing":
+            return httpx.Response(404, json={"error": "no such item"})
+        return httpx.Response(200, json={"id": 7, "items": [1, 2]})
+
+    def test_sync(self, opened: CallRecorder) -> None:
+        inner = httpx.MockTransport(self.mock)
+        with AuditedHTTPClient(opened, "s1", base_url="http://api.test", inner=inner) as http:
+            assert http.get("/items/7").json() == {"id": 7, "items": [1, 2]}
+            assert http.get("/missing").status_code == 404
+        found, missing = opened.calls("s1")
+        assert (found.status, found.response["body"]["json"]) == (
+            "success",
+            {"id": 7, "items": [1, 2]},
+        )
+        assert (missing.status, missing.error["status_code"]) == ("error", 404)
+        assert missing.response["body"]["json"] == {"error": "no such item"}
+
+    def test_async(self, opened: CallRecorder) -> None:
+        async def main() -> Any:
+            inner = httpx.MockTransport(self.mock)
+            async with AsyncAuditedHTTPClient(
+                opened, "s1", base_url="http://api.test", inner=inner
+            ) as http:
+                return (await http.get("/items/7")).json()
+
+        assert asyncio.run(main()) == {"id": 7, "items": [1, 2]}
+        (call,) = opened.calls("s1")
+        assert (call.status, call.response["body"]["json"]) == (
+            "success",
+            {"id": 7, "items": [1, 2]},
+        )
+
+    def test_respx(self, opened: CallRecorder) -> None:
+        router = respx.Router(base_url="http://api.test", assert_all_called=True)
+        router.get("/items/7").respond(json={"id": 7})
+        inner = respx.transports.MockTransport(router=router)
+        with AuditedHTTPClient(opened, "s1", base_url="http://api.test", inner=inner) as http:
+            assert http.get("/items/7").json() == {"id": 7}
+        with respx.mock(base_url="http://api.test") as patched:  # respx patching httpx itself
+            patched.get("/items/8").respond(json={"id": 8})
+            with AuditedHTTPClient(opened, "s1", base_url="http://api.test") as http:
+                assert http.get("/items/8").json() == {"id": 8}
+        calls = opened.calls("s1")
+        assert [(c.status, c.response["body"]["json"]) for c in calls] == [
+            ("success", {"id": 7}),
+            ("success", {"id": 8}),
+        ]
+
+    def test_hishel_cache(self, opened: CallRecorder, tmp_path: Any) -> None:
+        served = []
+
+        def origin(request: httpx.Request) -> httpx.Response:
+            served.append(request.url.path)
+            return httpx.Response(
+                200, json={"id": 7}, headers={"Cache-Control": "public, max-age=60"}
+            )
+
+        storage = hishel.SqliteStorage(database_path=tmp_path / "cache.db")
+        inner = hishel_httpx.CacheTransport(httpx.MockTransport(origin), storage=storage)
+        with AuditedHTTPClient(opened, "s1", base_url="http://api.test", inner=inner) as http:
+            assert [http.get("/items/7").json() for _ in range(2)] == [{"id": 7}] * 2
+        assert served == ["/items/7"]  # the second came from the cache
+        calls = opened.calls("s1")
+        assert [(c.status, c.response["body"]["json"]) for c in calls] == [
+            ("success", {"id": 7})
+        ] * 2
