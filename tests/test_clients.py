@@ -501,3 +501,54 @@ class TestResponsesTheInnerTransportReadAlready:
         assert [(c.status, c.response["body"]["json"]) for c in calls] == [
             ("success", {"id": 7})
         ] * 2
+
+
+class TestCancelledCallsAreFinished:
+    """A call cancelled while its worker lives is finished as ``error``
+    ``{"type": "cancelled"}`` before the cancellation reaches the caller."""
+
+    def test_asyncio_wait_for(self, opened: CallRecorder, api: LoopbackAPI) -> None:
+        api.plan(Reply(200, body={"late": True}, delay=2.0))
+
+        async def main() -> None:
+            async with AsyncAuditedHTTPClient(opened, "s1", base_url=api.url, retry=None) as http:
+                await asyncio.wait_for(http.get("/items/1"), 0.3)
+
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(main())
+        (call,) = opened.calls("s1")
+        assert (call.status, call.error) == (
+            "error",
+            {"type": "cancelled", "message": "CancelledError"},
+        )
+
+    def test_task_cancellation(self, opened: CallRecorder, api: LoopbackAPI) -> None:
+        api.plan(Reply(200, body={"late": True}, delay=2.0))
+
+        async def main() -> None:
+            async with AsyncAuditedHTTPClient(opened, "s1", base_url=api.url, retry=None) as http:
+                task = asyncio.create_task(http.get("/items/1"))
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(main())
+        (call,) = opened.calls("s1")
+        assert (call.status, call.error["type"]) == ("error", "cancelled")
+
+    def test_keyboard_interrupt_inside_the_transport(self, opened: CallRecorder) -> None:
+        def interrupted(request: httpx.Request) -> httpx.Response:
+            raise KeyboardInterrupt
+
+        inner = httpx.MockTransport(interrupted)
+        with (
+            AuditedHTTPClient(opened, "s1", base_url="http://api.test", inner=inner) as http,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            http.get("/items/1")
+        (call,) = opened.calls("s1")
+        assert (call.status, call.error) == (
+            "error",
+            {"type": "cancelled", "message": "KeyboardInterrupt"},
+        )

@@ -78,7 +78,7 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         exchange.begin()
         try:
             response = self._inner.handle_request(request)
-        except Exception as error:
+        except BaseException as error:  # KeyboardInterrupt too: finished as cancelled
             exchange.fail(error)
             raise
         if exchange.already_read(response):
@@ -96,11 +96,11 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if self._inner is None:
             self._inner = httpx.AsyncHTTPTransport()
         exchange = _Exchange(self, request)
-        await self._in_thread(exchange.begin)
         try:
+            await self._in_thread(exchange.begin)
             response = await self._inner.handle_async_request(request)
-        except Exception as error:
-            await self._in_thread(functools.partial(exchange.fail, error))
+        except BaseException as error:  # cancellation too: finished as cancelled
+            await self._shielded(functools.partial(exchange.fail, error))
             raise
         if exchange.already_read(response):
             await self._in_thread(functools.partial(exchange.complete, complete=True))
@@ -113,6 +113,11 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+
+    async def _shielded(self, work: Callable[[], Any]) -> Any:
+        """``work`` in a thread, to its end even while the task is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            return await self._in_thread(work)
 
 
 _MAX_REASON = 200  # characters of a server's reason phrase kept in the error payload
@@ -158,12 +163,16 @@ class _Exchange:
         if self.finished or self.call is None:
             return
         self.finished = True
-        message = self.transport.redactor.scrub(str(error), self.secrets)
+        if isinstance(error, Exception):
+            message = self.transport.redactor.scrub(str(error), self.secrets)
+            details = {"type": type(error).__name__, "message": message}
+        else:  # KeyboardInterrupt, a cancelled task or timeout
+            details = {"type": "cancelled", "message": type(error).__name__}
         self.transport.recorder.finish_call(
             self.call.call_id,
             "error",
             response=self._response_payload(complete=False) if self.response else None,
-            error={"type": type(error).__name__, "message": message},
+            error=details,
             latency_ms=self._elapsed_ms(),
         )
 
@@ -245,7 +254,7 @@ class _RecordingStreamBase:
             for chunk in self._inner:
                 self._exchange.tap.feed(chunk)
                 yield chunk
-        except Exception as error:
+        except (Exception, KeyboardInterrupt) as error:
             self._exchange.fail(error)
             raise
         self._exhausted = True
@@ -261,8 +270,8 @@ class _RecordingStreamBase:
             async for chunk in self._inner:
                 self._exchange.tap.feed(chunk)
                 yield chunk
-        except Exception as error:
-            await self._exchange.transport._in_thread(functools.partial(self._exchange.fail, error))
+        except (Exception, KeyboardInterrupt, anyio.get_cancelled_exc_class()) as error:
+            await self._exchange.transport._shielded(functools.partial(self._exchange.fail, error))
             raise
         self._exhausted = True
 
@@ -270,7 +279,7 @@ class _RecordingStreamBase:
         try:
             await self._inner.aclose()
         finally:
-            await self._exchange.transport._in_thread(
+            await self._exchange.transport._shielded(
                 functools.partial(self._exchange.complete, complete=self._exhausted)
             )
 
