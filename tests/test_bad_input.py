@@ -189,7 +189,11 @@ def test_a_payload_just_under_the_limit_is_recorded(recorder: CallRecorder) -> N
 @pytest.mark.parametrize(
     "arguments",
     [
-        pytest.param({"call_type": "ftp"}, id="unknown-call-type"),
+        pytest.param({"call_type": "FTP"}, id="upper-case-call-type"),
+        pytest.param({"call_type": "http-redirect"}, id="hyphen-in-call-type"),
+        pytest.param({"call_type": "x" * 33}, id="long-call-type"),
+        pytest.param({"call_type": ""}, id="empty-call-type"),
+        pytest.param({"call_type": "sql\n"}, id="newline-in-call-type"),
         pytest.param({"call_type": None}, id="no-call-type"),
         pytest.param({"status": "pending"}, id="pending-status"),
         pytest.param({"status": "abandoned"}, id="abandoned-status"),

@@ -403,3 +403,11 @@ class TestAResultLostAfterCommit:
         done = opened.finish_call("lost-ack", "success", {"ok": True})
         assert broken and done.status == "success" and done.response == {"ok": True}
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]
+
+
+@pytest.mark.parametrize("call_type", ["sql", "filesystem", "vector", "http_redirect", "a" * 32])
+def test_any_short_identifier_is_a_call_type(opened: CallRecorder, call_type: str) -> None:
+    """The call shapes of the framework callindex replaces record as they are."""
+    call = opened.record_call("s1", call_type, "success", {"q": 1})
+    assert opened.get_call(call.call_id) == call
+    assert call.call_type == call_type

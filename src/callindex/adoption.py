@@ -142,7 +142,7 @@ def check_table(connection: Connection, where: str) -> None:
             raise AdoptionError(
                 f"the CHECK constraint {constraint['name']} ({constraint['sqltext']}) may "
                 "refuse what callindex records (status pending, success, error or "
-                "abandoned; call_type http, llm, tool or other; call_index from 0): "
+                "abandoned; call_type any identifier of 1 to 32 characters; call_index from 0): "
                 "widen or drop it first"
             )
 

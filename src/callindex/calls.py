@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from callindex.errors import (
     UnknownCallError,
 )
 
-CallType = Literal["http", "llm", "tool", "other"]
+CallType = str
+"""A call's kind: a short identifier such as ``http``, ``llm``, ``sql``,
+``filesystem``, ``vector`` or ``http_redirect`` (see :data:`CALL_TYPE_PATTERN`)."""
 CallStatus = Literal["pending", "success", "error", "abandoned"]
 FinalStatus = Literal["success", "error"]
 
-CALL_TYPES: Final = frozenset(get_args(CallType))
+CALL_TYPE_PATTERN: Final = re.compile(r"[a-z0-9_]{1,32}")
 FINAL_STATUSES: Final = frozenset(get_args(FinalStatus))
 MAX_CALL_ID_LENGTH: Final = 128
 
@@ -95,11 +98,13 @@ def validate_call_id(call_id: object) -> str:
 
 
 def validate_call_type(call_type: object) -> str:
-    if call_type not in CALL_TYPES:
+    """``call_type`` if it is 1 to 32 lower-case letters, digits and ``_``."""
+    if not isinstance(call_type, str) or not CALL_TYPE_PATTERN.fullmatch(call_type):
         raise InvalidCallError(
-            f"unknown call_type {call_type!r}: expected one of {', '.join(sorted(CALL_TYPES))}"
+            f"call_type must be 1 to 32 lower-case letters, digits and _ "
+            f"(http, llm, sql, http_redirect ...), not {call_type!r}"
         )
-    return cast(str, call_type)
+    return call_type
 
 
 def validate_final_status(status: object) -> str:
