@@ -49,6 +49,35 @@ FROM counter, durable
 RETURNING call_index, created_at, completed_at,
           1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()) AS waited_ms;
 
+-- insert_call_at --
+-- record_call(call_index=k): insert the call at an index its state's counter
+-- handed out before (k below next_index) and no call holds. No row: the
+-- state is unknown, k was not handed out, or it is taken. The counter is
+-- not moved.
+WITH durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+INSERT INTO calls (
+    call_id, state_id, call_index, call_type, status,
+    request, request_hash, response, response_hash, error, error_hash,
+    latency_ms, created_at, completed_at
+)
+SELECT CAST(:call_id AS text), counters.state_id, CAST(:call_index AS bigint),
+       CAST(:call_type AS text), CAST(:status AS text),
+       CAST(:request AS jsonb), CAST(:request_hash AS text),
+       CAST(:response AS jsonb), CAST(:response_hash AS text),
+       CAST(:error AS jsonb), CAST(:error_hash AS text),
+       CAST(:latency_ms AS double precision),
+       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END
+FROM call_index_counters AS counters, durable
+WHERE counters.state_id = CAST(:state_id AS text)
+  AND CAST(:call_index AS bigint) < counters.next_index
+  AND NOT EXISTS (
+      SELECT 1 FROM calls
+      WHERE calls.state_id = CAST(:state_id AS text)
+        AND calls.call_index = CAST(:call_index AS bigint))
+RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
+
 -- record_released --
 -- insert_call with early lock release (callindex_record_released, migration
 -- 0005): the call commits asynchronously, releasing the counter row at once,

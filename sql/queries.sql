@@ -13,6 +13,15 @@ WHERE call_id = :call_id;
 -- find_call_index --
 SELECT call_index, created_at, completed_at FROM calls WHERE call_id = :call_id;
 
+-- reservation_of --
+-- Why record_call(call_index=k) wrote nothing: the state's next index, and
+-- whether k is taken.
+SELECT next_index,
+       EXISTS (SELECT 1 FROM calls WHERE state_id = :state_id AND call_index = :call_index)
+           AS taken
+FROM call_index_counters
+WHERE state_id = :state_id;
+
 -- calls_of_state --
 SELECT call_id, state_id, call_index, call_type, status,
        request, request_hash, response, response_hash, error, error_hash,

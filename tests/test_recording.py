@@ -16,6 +16,9 @@ from callindex import (
     CallIdConflictError,
     CallRecorder,
     CounterBehindError,
+    IndexNotReservedError,
+    IndexTakenError,
+    InvalidCallError,
     UnknownCallError,
     UnknownStateError,
     migrations,
@@ -411,3 +414,45 @@ def test_any_short_identifier_is_a_call_type(opened: CallRecorder, call_type: st
     call = opened.record_call("s1", call_type, "success", {"q": 1})
     assert opened.get_call(call.call_id) == call
     assert call.call_type == call_type
+
+
+class TestRecordingAtAReservedIndex:
+    """The upstream pattern: allocate an index, make the call, record it at
+    that index. Never moved: an index not reserved, or taken, is refused."""
+
+    def test_allocate_then_record(self, opened: CallRecorder, db_url: str) -> None:
+        first = opened.allocate_call_index("s1", 3)
+        later = opened.record_call("s1", "http", "success", {"q": 2}, call_index=first + 2)
+        earlier = opened.record_call("s1", "llm", "success", {"q": 0}, call_index=first)
+        assert (earlier.call_index, later.call_index) == (0, 2)
+        assert opened.get_call(later.call_id) == later
+        assert opened.record_call("s1", "http", "success", {}).call_index == 3
+        assert counter_value(db_url, "s1") == 4
+
+    def test_an_index_never_handed_out_is_refused(self, opened: CallRecorder, db_url: str) -> None:
+        opened.allocate_call_index("s1")
+        with pytest.raises(IndexNotReservedError, match="never handed out"):
+            opened.record_call("s1", "http", "success", {}, call_index=1)
+        assert call_rows(db_url) == []
+        assert counter_value(db_url, "s1") == 1
+
+    def test_a_taken_index_is_refused_not_moved(self, opened: CallRecorder, db_url: str) -> None:
+        taken = opened.record_call("s1", "http", "success", {"q": 1})
+        with pytest.raises(IndexTakenError, match="taken"):
+            opened.record_call("s1", "http", "success", {"q": 2}, call_index=taken.call_index)
+        assert [row[0] for row in call_rows(db_url)] == [taken.call_id]
+
+    def test_unknown_state_and_bad_index(self, opened: CallRecorder) -> None:
+        with pytest.raises(UnknownStateError):
+            opened.record_call("never", "http", "success", {}, call_index=0)
+        for bad in (-1, True, 1.0, "0"):
+            with pytest.raises(InvalidCallError):
+                opened.record_call("s1", "http", "success", {}, call_index=bad)  # type: ignore[arg-type]
+
+    def test_idempotent_on_call_id(self, opened: CallRecorder) -> None:
+        index = opened.allocate_call_index("s1", 2)
+        call = opened.record_call("s1", "http", "success", {}, call_id="c", call_index=index)
+        again = opened.record_call("s1", "http", "success", {}, call_id="c", call_index=index)
+        assert again == call
+        with pytest.raises(CallIdConflictError):
+            opened.record_call("s1", "http", "success", {}, call_id="c", call_index=index + 1)

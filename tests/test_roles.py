@@ -68,6 +68,8 @@ class TestTheApplicationRole:
             finished = app.finish_call(begun.call_id, "error", error={"e": 1})
             assert (done.call_index, finished.call_index, finished.status) == (1, 2, "error")
             assert [c.call_index for c in app.calls("s")] == [1, 2]
+            reserved = app.record_call("t", "tool", "success", {}, call_index=1)
+            assert [c.call_index for c in app.calls("t")] == [reserved.call_index] == [1]
             assert app.verify().ok
 
     def test_a_plain_insert_is_numbered_by_the_counter_in_legacy_writers_mode(

@@ -205,6 +205,12 @@ class Backend:
         """Insert a call with its state's next index (raises :class:`CallIdTaken`)."""
         raise NotImplementedError
 
+    def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
+        """Insert a call at ``parameters["call_index"]``, an index its state's
+        counter handed out and no call holds; ``None`` (nothing written) when
+        that is not so. Raises :class:`CallIdTaken`."""
+        raise NotImplementedError
+
     def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """Finish a pending call; its recorded columns, or ``None`` when not pending."""
         raise NotImplementedError
@@ -273,6 +279,7 @@ class PostgreSQLBackend(Backend):
                 "open_state",
                 "allocate_call_index",
                 "insert_call",
+                "insert_call_at",
                 "record_released",
                 "finish_call",
                 "find_call_index",
@@ -398,6 +405,19 @@ class PostgreSQLBackend(Backend):
             self._contended_until = time.monotonic() + self.CONTENDED_FOR_SECONDS
         return Inserted(int(call_index), created_at, completed_at)
 
+    def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
+        with self.translated():
+            try:
+                rows = self._write("insert_call_at", dict(parameters))
+            except psycopg.errors.UniqueViolation:
+                if self._recorded(parameters["call_id"]):
+                    raise CallIdTaken from None
+                return None  # a concurrent insert took the index first
+        if not rows:
+            return None
+        call_index, created_at, completed_at, _ = rows[0]
+        return Inserted(int(call_index), created_at, completed_at)
+
     def _recorded(self, call_id: str) -> bool:
         with self.pool.connection() as conn:
             found = self._execute(conn, "find_call_index", {"call_id": call_id}).fetchone()
@@ -430,6 +450,7 @@ class SQLiteBackend(Backend):
                 "insert_call",
                 "finish_call",
                 "find_call_index",
+                "reservation_of",
             )
         }
 
@@ -510,6 +531,27 @@ class SQLiteBackend(Backend):
                     self._sql["find_call_index"], {"call_id": parameters["call_id"]}
                 ).fetchone()
                 assert row is not None, "the numbering trigger recorded the call"
+        created_at = _sqlite_time(row[1])
+        assert created_at is not None
+        return Inserted(int(row[0]), created_at, _sqlite_time(row[2]))
+
+    def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
+        with self._transaction() as conn:
+            reservation = conn.execute(
+                self._sql["reservation_of"],
+                {"state_id": parameters["state_id"], "call_index": parameters["call_index"]},
+            ).fetchone()
+            if reservation is None or parameters["call_index"] >= reservation[0] or reservation[1]:
+                return None
+            try:
+                row = conn.execute(self._sql["insert_call"], parameters).fetchone()
+            except sqlite3.IntegrityError:
+                if conn.execute(
+                    self._sql["find_call_index"], {"call_id": parameters["call_id"]}
+                ).fetchone():
+                    raise CallIdTaken from None
+                raise
+        assert row is not None, "a free index below the counter is never renumbered"
         created_at = _sqlite_time(row[1])
         assert created_at is not None
         return Inserted(int(row[0]), created_at, _sqlite_time(row[2]))

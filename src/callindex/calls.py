@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, Literal, NoReturn, cast, get_args
 
 from callindex import payloads
 from callindex.backends import CallIdTaken
@@ -18,8 +18,11 @@ from callindex.database import Database, Statements
 from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
+    IndexNotReservedError,
+    IndexTakenError,
     InvalidCallError,
     UnknownCallError,
+    UnknownStateError,
 )
 
 CallType = str
@@ -107,6 +110,12 @@ def validate_call_type(call_type: object) -> str:
     return call_type
 
 
+def validate_call_index(call_index: object) -> int:
+    if isinstance(call_index, bool) or not isinstance(call_index, int) or call_index < 0:
+        raise InvalidCallError(f"call_index must be an integer >= 0, not {call_index!r}")
+    return call_index
+
+
 def validate_final_status(status: object) -> str:
     if status not in FINAL_STATUSES:
         raise InvalidCallError(
@@ -190,7 +199,15 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
     written and no index is used.
     """
     try:
-        inserted = db.write(lambda backend: backend.insert_call(parameters))
+        if "call_index" in parameters:
+            at = db.write(lambda backend: backend.insert_call_at(parameters))
+            if at is None:
+                if db.read(lambda statements: find(statements, parameters["call_id"])):
+                    raise CallIdTaken  # recorded by an earlier attempt: see below
+                _refused_index(db, parameters)
+            inserted = at
+        else:
+            inserted = db.write(lambda backend: backend.insert_call(parameters))
     except CallIdTaken:
         call = db.read(lambda statements: find(statements, parameters["call_id"]))
         assert call is not None, "a call_id refused as taken is recorded"
@@ -202,6 +219,24 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
         call_index=inserted.call_index,
         created_at=inserted.created_at,
         completed_at=inserted.completed_at,
+    )
+
+
+def _refused_index(db: Database, parameters: Mapping[str, Any]) -> NoReturn:
+    """Why ``record_call(call_index=k)`` wrote nothing, as a typed error."""
+    state_id, index = parameters["state_id"], parameters["call_index"]
+    rows = db.read(
+        lambda statements: statements.rows(
+            "reservation_of", {"state_id": state_id, "call_index": index}
+        )
+    )
+    if not rows:
+        raise UnknownStateError(state_id)
+    if rows[0]["taken"]:
+        raise IndexTakenError(f"call_index {index} of state {state_id!r} is taken by another call")
+    raise IndexNotReservedError(
+        f"call_index {index} of state {state_id!r} was never handed out (the counter is at "
+        f"{rows[0]['next_index']}): reserve it with allocate_call_index first"
     )
 
 
@@ -227,8 +262,13 @@ def _decoded(text: str | None) -> Any:
 def _ensure_same_call(call: Call, parameters: Mapping[str, Any]) -> None:
     """A recorded ``call_id`` may only be repeated for the same call: same state,
     type and request and, for ``record_call``, the same outcome."""
-    recorded = (call.state_id, call.call_type, call.request_hash)
-    requested = (parameters["state_id"], parameters["call_type"], parameters["request_hash"])
+    recorded = (call.state_id, call.call_type, call.request_hash, call.call_index)
+    requested = (
+        parameters["state_id"],
+        parameters["call_type"],
+        parameters["request_hash"],
+        parameters.get("call_index", call.call_index),
+    )
     if recorded != requested:
         raise CallIdConflictError(
             f"call_id {call.call_id!r} already names another call "

@@ -16,6 +16,8 @@ Hierarchy::
     ├── UnknownCallError           (also a LookupError)
     ├── CallAlreadyFinishedError   finish_call on a finished or abandoned call
     ├── CallIdConflictError        a call_id reused for a different call
+    ├── IndexNotReservedError      record_call(call_index=k) for an index never handed out
+    ├── IndexTakenError            record_call(call_index=k) for an index another call holds
     ├── ConfigurationError         bad database URL, unsupported backend
     ├── SchemaError
     │   ├── SchemaMissingError     the tables are not there: run `callindex db upgrade`
@@ -84,6 +86,15 @@ class CallAlreadyFinishedError(CallIndexError):
 
 class CallIdConflictError(CallIndexError):
     """A ``call_id`` already names a different call (other state, type or request)."""
+
+
+class IndexNotReservedError(CallIndexError):
+    """``record_call(call_index=k)``: ``k`` was never handed out by the state's
+    counter (reserve it with ``allocate_call_index`` first)."""
+
+
+class IndexTakenError(CallIndexError):
+    """``record_call(call_index=k)``: another call is recorded at ``k``."""
 
 
 class ConfigurationError(CallIndexError):

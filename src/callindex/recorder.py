@@ -100,18 +100,26 @@ class CallRecorder:
         error: Any = None,
         latency_ms: float | None = None,
         call_id: str | None = None,
+        call_index: int | None = None,
     ) -> Call:
         """Record a completed call with the next index of its state, in one transaction.
 
         Recorded indices of a state have no gaps. ``call_id`` (a fresh UUID when
         omitted) makes the call idempotent: recording the same ``call_id`` again
         returns the recorded call with its original index and writes nothing.
+
+        ``call_index=k`` records the call at ``k``, an index reserved earlier
+        with :meth:`allocate_call_index` (the allocate-then-record pattern); an
+        index never handed out raises :class:`IndexNotReservedError`, one
+        another call holds :class:`IndexTakenError`. It is never moved.
         """
         outcome = calls.Outcome.of(status, response, error, latency_ms)
         parameters = {
             **self._new_call(state_id, call_type, request, call_id),
             **outcome.parameters(),
         }
+        if call_index is not None:
+            parameters["call_index"] = calls.validate_call_index(call_index)
         return calls.insert(self._db, parameters)
 
     def begin_call(
