@@ -26,7 +26,13 @@ from callindex import (
 from callindex.database import Database
 from callindex.retry import DatabaseRetryPolicy
 
-from conftest import assert_trail_sound, call_rows, counter_value, insert_bypassing_the_counter
+from conftest import (
+    assert_trail_sound,
+    call_rows,
+    counter_count,
+    counter_value,
+    insert_bypassing_the_counter,
+)
 
 
 @pytest.fixture
@@ -456,3 +462,29 @@ class TestRecordingAtAReservedIndex:
         assert again == call
         with pytest.raises(CallIdConflictError):
             opened.record_call("s1", "http", "success", {}, call_id="c", call_index=index + 1)
+
+
+class TestAutoOpen:
+    """``CallRecorder(url, auto_open=True)``: a state never opened is opened by
+    the first allocation or call; the default stays strict."""
+
+    def test_every_write_opens_its_state(self, db_url: str) -> None:
+        with CallRecorder(db_url, auto_open=True) as recorder:
+            assert recorder.allocate_call_index("a", 2) == 0
+            assert recorder.record_call("b", "sql", "success", {}).call_index == 0
+            assert recorder.begin_call("c", "http", {}).call_index == 0
+            assert recorder.allocate_call_indices({"d": 1, "e": 3, "a": 1}) == {
+                "a": 2,
+                "d": 0,
+                "e": 0,
+            }
+            with recorder.engine.begin() as conn:
+                assert recorder.allocate_call_index("f", connection=conn) == 0
+            assert recorder.allocate_call_index("f") == 1
+            assert recorder.verify().ok
+        assert counter_count(db_url) == 6
+
+    def test_the_default_stays_strict(self, recorder: CallRecorder, db_url: str) -> None:
+        with pytest.raises(UnknownStateError):
+            recorder.record_call("never", "http", "success", {})
+        assert counter_count(db_url) == 0

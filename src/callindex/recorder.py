@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import URL, Connection, Engine
 
 from callindex import allocator, audit, calls, migrations, payloads
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
-from callindex.errors import InvalidInputError
+from callindex.errors import InvalidInputError, UnknownStateError
 from callindex.retry import DatabaseRetryPolicy
+
+T = TypeVar("T")
 
 
 class CallRecorder:
@@ -33,6 +35,10 @@ class CallRecorder:
     flush. ``None`` (the default) adapts: early release while writes find
     the counter row held by another writer, the plain statement otherwise;
     ``True`` and ``False`` force one way. See "Early lock release" in the docs.
+
+    ``auto_open``: allocating or recording for a state never opened opens it
+    (idempotently, as :meth:`open_state` does) and goes on, instead of raising
+    :class:`UnknownStateError` (the default, strict).
     """
 
     def __init__(
@@ -41,8 +47,10 @@ class CallRecorder:
         *,
         retry: DatabaseRetryPolicy | None = None,
         early_release: bool | None = None,
+        auto_open: bool = False,
     ) -> None:
         self._db = Database(url_or_engine, retry=retry, early_release=early_release)
+        self._auto_open = auto_open
 
     @property
     def engine(self) -> Engine:
@@ -72,7 +80,9 @@ class CallRecorder:
         """
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
-        return allocator.allocate(self._db, state_id, count, connection)
+        return self._opening(
+            lambda: allocator.allocate(self._db, state_id, count, connection), connection
+        )
 
     def allocate_call_indices(
         self, counts: Mapping[str, int], *, connection: Connection | None = None
@@ -86,7 +96,9 @@ class CallRecorder:
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()
         }
-        return allocator.allocate_many(self._db, checked, connection)
+        return self._opening(
+            lambda: allocator.allocate_many(self._db, checked, connection), connection
+        )
 
     # Recording
 
@@ -120,7 +132,7 @@ class CallRecorder:
         }
         if call_index is not None:
             parameters["call_index"] = calls.validate_call_index(call_index)
-        return calls.insert(self._db, parameters)
+        return self._opening(lambda: calls.insert(self._db, parameters))
 
     def begin_call(
         self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
@@ -135,7 +147,7 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return calls.insert(self._db, parameters)
+        return self._opening(lambda: calls.insert(self._db, parameters))
 
     def finish_call(
         self,
@@ -150,6 +162,19 @@ class CallRecorder:
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
         return calls.finish(self._db, call_id, outcome)
+
+    def _opening(self, write: Callable[[], T], connection: Connection | None = None) -> T:
+        """``write``; with ``auto_open``, each state it finds unknown is opened
+        once and ``write`` runs again."""
+        opened: set[str] = set()
+        while True:
+            try:
+                return write()
+            except UnknownStateError as unknown:
+                if not self._auto_open or unknown.state_id in opened:
+                    raise
+                opened.add(unknown.state_id)
+                allocator.open_state(self._db, unknown.state_id, connection)
 
     def _new_call(
         self, state_id: str, call_type: str, request: Any, call_id: str | None
