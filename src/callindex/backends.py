@@ -321,9 +321,6 @@ class PostgreSQLBackend(Backend):
             return False
         return True
 
-    def begin(self, connection: Connection, *, read_only: bool) -> None:
-        return None  # psycopg begins implicitly
-
     def lock_for_upgrade(self, connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
 
