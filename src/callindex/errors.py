@@ -10,8 +10,9 @@ Hierarchy::
     │   ├── InvalidStateIdError
     │   ├── InvalidCountError
     │   ├── InvalidCallError       call_id, call_type, status or latency_ms refused
-    │   └── InvalidPayloadError    not JSON, NUL character, lone surrogate
-    │       └── PayloadTooLargeError
+    │   ├── InvalidPayloadError    not JSON, NUL character, lone surrogate
+    │   │   └── PayloadTooLargeError
+    │   └── InvalidHeaderError     a header value with a control character
     ├── UnknownStateError          (also a LookupError)
     ├── UnknownCallError           (also a LookupError)
     ├── CallAlreadyFinishedError   finish_call on a finished or abandoned call
@@ -70,6 +71,11 @@ class InvalidPayloadError(InvalidInputError):
 
 class PayloadTooLargeError(InvalidPayloadError):
     """A payload whose canonical JSON exceeds the documented size limit."""
+
+
+class InvalidHeaderError(InvalidInputError):
+    """A header value HTTP cannot carry (a control character, such as the
+    trailing newline of a key read from a file). The value is never quoted."""
 
 
 class UnknownCallError(CallIndexError, LookupError):

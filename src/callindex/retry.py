@@ -233,8 +233,9 @@ class RetryPolicy:
             return bool(marked)
         return self.retry_unsafe_methods or request.method.upper() in IDEMPOTENT_METHODS
 
-    def tenacity_arguments(self) -> dict[str, Any]:
-        """Arguments for tenacity's ``Retrying`` and ``AsyncRetrying`` alike."""
+    def tenacity_arguments(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
+        """Arguments for tenacity's ``Retrying`` and ``AsyncRetrying`` alike;
+        ``redact`` cleans the error text of the retry log line."""
         return {
             "retry": retry_if_exception_type((httpx.TransportError, RetryableResponse)),
             "wait": wait_retry_after(
@@ -242,9 +243,29 @@ class RetryPolicy:
                 cap=self.max_retry_after,
             ),
             "stop": stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_seconds),
-            "before_sleep": before_sleep_log(http_logger, logging.WARNING),
+            "before_sleep": before_sleep_redacted(http_logger, redact),
             "retry_error_callback": _last_response_or_raise,
         }
+
+
+def before_sleep_redacted(
+    logger: logging.Logger, redact: Callable[[str], str]
+) -> Callable[[RetryCallState], None]:
+    """Like tenacity's ``before_sleep_log`` at WARNING, with the error text
+    passed through ``redact`` first (it may quote a request's secrets)."""
+
+    def log(retry_state: RetryCallState) -> None:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        sleep = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        logger.warning(
+            "attempt %d failed (%s: %s); retrying in %.2f s",
+            retry_state.attempt_number,
+            type(error).__name__,
+            redact(str(error)),
+            sleep,
+        )
+
+    return log
 
 
 def _last_response_or_raise(retry_state: RetryCallState) -> httpx.Response:

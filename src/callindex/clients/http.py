@@ -18,7 +18,7 @@ from callindex.clients.transport import (
     AuditedTransport,
 )
 from callindex.recorder import CallRecorder
-from callindex.redaction import Redactor
+from callindex.redaction import Redactor, check_header_values
 from callindex.retry import (
     DEFAULT_HTTP_RETRY,
     NO_HTTP_RETRY,
@@ -49,8 +49,18 @@ class _Attempts:
         return self.request
 
 
-def _policy_for(policy: RetryPolicy, request: httpx.Request) -> RetryPolicy:
-    return policy if policy.allows(request) else NO_HTTP_RETRY
+def _retrying(client: _Audited, request: httpx.Request) -> dict[str, Any]:
+    """The tenacity arguments for sending ``request``: the client's policy if
+    the request may be repeated, with the retry log redacted as the trail is."""
+    policy = client.retry_policy if client.retry_policy.allows(request) else NO_HTTP_RETRY
+    redactor = client.audited_transport.redactor
+
+    def redact(text: str) -> str:
+        return redactor.text(
+            text, redactor.secrets_in(str(request.url), request.headers.multi_items())
+        )
+
+    return policy.tenacity_arguments(redact)
 
 
 class _Audited:
@@ -71,8 +81,9 @@ class _Audited:
         call_type: CallType = "http",
         annotator: Annotator | None = None,
     ) -> None:
+        check_header_values((headers or {}).items())
         self.retry_policy = retry or NO_HTTP_RETRY
-        transport = AuditedTransport(
+        self.audited_transport = transport = AuditedTransport(
             recorder, state_id, inner, call_type=call_type, redactor=redactor, annotator=annotator
         )
         super().__init__(  # type: ignore[call-arg]  # httpx.Client or httpx.AsyncClient
@@ -96,8 +107,7 @@ class AuditedHTTPClient(_Audited, httpx.Client):
                 raise RetryableResponse(response)
             return response
 
-        policy = _policy_for(self.retry_policy, request)
-        response: httpx.Response = Retrying(**policy.tenacity_arguments())(attempt)
+        response: httpx.Response = Retrying(**_retrying(self, request))(attempt)
         return response
 
 
@@ -115,6 +125,5 @@ class AsyncAuditedHTTPClient(_Audited, httpx.AsyncClient):
                 raise RetryableResponse(response)
             return response
 
-        policy = _policy_for(self.retry_policy, request)
-        response: httpx.Response = await AsyncRetrying(**policy.tenacity_arguments())(attempt)
+        response: httpx.Response = await AsyncRetrying(**_retrying(self, request))(attempt)
         return response

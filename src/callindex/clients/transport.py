@@ -24,7 +24,7 @@ import httpx
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.clients.bodies import BodyTap
 from callindex.recorder import CallRecorder
-from callindex.redaction import Redactor
+from callindex.redaction import Redactor, check_header_values, redact_library_logs
 
 ATTEMPT_EXTENSION: Final = "callindex.attempt"
 OPERATION_EXTENSION: Final = "callindex.operation_id"
@@ -65,6 +65,7 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.state_id = state_id
         self.call_type: CallType = call_type
         self.redactor = redactor or Redactor.from_environment()
+        redact_library_logs(self.redactor)
         self.annotator = annotator
         self._inner = inner
         self._limiter = anyio.CapacityLimiter(thread_limit)
@@ -135,13 +136,14 @@ class _Exchange:
         self.headers_ms: float | None = None
         self.finished = False
         headers = list(request.headers.multi_items())
-        self.secrets = Redactor.secrets_in(str(request.url), headers)
+        check_header_values(headers)
+        self.body = BodyTap(_request_content(request)).record(request.headers.get("content-type"))
+        self.secrets = transport.redactor.secrets_in(str(request.url), headers, self.body)
         self.tap = BodyTap()
 
     def begin(self) -> None:
         redactor = self.transport.redactor
-        body = BodyTap(_request_content(self.request))
-        record = body.record(self.request.headers.get("content-type"))
+        record = redactor.body(self.body, self.secrets)
         payload: dict[str, Any] = {
             "method": self.request.method,
             "url": redactor.url(str(self.request.url)),
@@ -164,7 +166,7 @@ class _Exchange:
             return
         self.finished = True
         if isinstance(error, Exception):
-            message = self.transport.redactor.scrub(str(error), self.secrets)
+            message = self.transport.redactor.text(str(error), self.secrets)
             details = {"type": type(error).__name__, "message": message}
         else:  # KeyboardInterrupt, a cancelled task or timeout
             details = {"type": "cancelled", "message": type(error).__name__}
@@ -185,7 +187,7 @@ class _Exchange:
         status: FinalStatus = "success" if 200 <= code < 300 else "error"
         error = None
         if status == "error":
-            reason = self.transport.redactor.scrub(str(self.response.reason_phrase), self.secrets)
+            reason = self.transport.redactor.text(str(self.response.reason_phrase), self.secrets)
             error = {"type": "http_status", "status_code": code, "reason": reason[:_MAX_REASON]}
         self.transport.recorder.finish_call(
             self.call.call_id,
@@ -219,10 +221,12 @@ class _Exchange:
 
     def _response_payload(self, *, complete: bool) -> dict[str, Any]:
         response = self.response
+        redactor = self.transport.redactor
         record = self.tap.record(response.headers.get("content-type"), complete=complete)
+        record = redactor.body(record, self.secrets)
         payload: dict[str, Any] = {
             "status_code": response.status_code,
-            "headers": self.transport.redactor.headers(response.headers.multi_items()),
+            "headers": redactor.headers(response.headers.multi_items()),
             "body": record,
             "time_to_headers_ms": self.headers_ms,
         }
