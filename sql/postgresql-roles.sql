@@ -60,7 +60,7 @@ REVOKE ALL ON calls, call_index_counters, callindex_alembic_version
 GRANT SELECT ON calls TO callindex_app;
 GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request_hash,
               response, response_hash, error, error_hash, latency_ms, created_at,
-              completed_at)
+              completed_at, hash_scheme)
     ON calls TO callindex_app;
 GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
 GRANT SELECT ON callindex_alembic_version TO callindex_app;
@@ -70,7 +70,10 @@ GRANT EXECUTE ON FUNCTION
     callindex_allocate(text, integer),
     callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text,
                           double precision),
-    callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision)
+    callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision),
+    callindex_record_call(text, text, text, text, text, text, text, text, text, text,
+                          double precision),
+    callindex_finish_call(text, text, text, text, text, text, double precision)
     TO callindex_app;
 
 GRANT SELECT ON calls, call_index_counters, callindex_alembic_version TO callindex_auditor;

@@ -515,5 +515,178 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
 
+-- Running upgrade 0005 -> 0006
+
+CREATE INDEX ix_calls_request_hash ON calls (request_hash);
+
+ALTER TABLE calls ADD COLUMN hash_scheme TEXT NOT NULL DEFAULT 'sorted-json' CONSTRAINT ck_calls_hash_scheme_known CHECK (hash_scheme IN ('sorted-json', 'rfc8785'));
+
+DROP TRIGGER callindex_guard_calls_update ON calls;
+
+ALTER TABLE calls ALTER COLUMN request TYPE json USING request::json, ALTER COLUMN response TYPE json USING response::json, ALTER COLUMN error TYPE json USING error::json;
+
+CREATE OR REPLACE FUNCTION callindex_guard_calls() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        RAISE EXCEPTION 'callindex: % cannot be truncated: the audit trail is append-only',
+            TG_TABLE_NAME USING ERRCODE = 'CX001';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'callindex: call % cannot be deleted: the audit trail is append-only',
+            OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    IF OLD.status <> 'pending' THEN
+        RAISE EXCEPTION 'callindex: call % is %, and a finished call cannot be changed',
+            OLD.call_id, OLD.status USING ERRCODE = 'CX001';
+    END IF;
+    IF NEW.status = 'pending'
+       OR NEW.completed_at IS NULL
+       OR NEW.call_id IS DISTINCT FROM OLD.call_id
+       OR NEW.state_id IS DISTINCT FROM OLD.state_id
+       OR NEW.call_index IS DISTINCT FROM OLD.call_index
+       OR NEW.call_type IS DISTINCT FROM OLD.call_type
+       OR NEW.request::text IS DISTINCT FROM OLD.request::text
+       OR NEW.request_hash IS DISTINCT FROM OLD.request_hash
+       OR NEW.hash_scheme IS DISTINCT FROM OLD.hash_scheme
+       OR NEW.created_at IS DISTINCT FROM OLD.created_at THEN
+        RAISE EXCEPTION 'callindex: pending call % may only be finished or abandoned, '
+            'with its completed_at', OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls FOR EACH ROW WHEN (OLD.status <> 'pending' OR NEW.status = 'pending' OR NEW.completed_at IS NULL OR NEW.call_id IS DISTINCT FROM OLD.call_id OR NEW.state_id IS DISTINCT FROM OLD.state_id OR NEW.call_index IS DISTINCT FROM OLD.call_index OR NEW.call_type IS DISTINCT FROM OLD.call_type OR NEW.request::text IS DISTINCT FROM OLD.request::text OR NEW.request_hash IS DISTINCT FROM OLD.request_hash OR NEW.hash_scheme IS DISTINCT FROM OLD.hash_scheme OR NEW.created_at IS DISTINCT FROM OLD.created_at) EXECUTE FUNCTION callindex_guard_calls();
+
+DROP PROCEDURE callindex_record_released(text, text, text, text, jsonb, text, jsonb, text, jsonb, text, double precision, bigint, timestamptz, timestamptz, double precision);
+
+CREATE PROCEDURE callindex_record_released(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request text, p_request_hash text, p_response text, p_response_hash text,
+    p_error text, p_error_hash text, p_latency_ms double precision,
+    INOUT call_index bigint DEFAULT NULL,
+    INOUT created_at timestamptz DEFAULT NULL,
+    INOUT completed_at timestamptz DEFAULT NULL,
+    INOUT waited_ms double precision DEFAULT NULL
+)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at, hash_scheme
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request::json, p_request_hash, p_response::json, p_response_hash,
+           p_error::json, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END,
+           'rfc8785'
+    FROM counter
+    RETURNING calls.call_index, calls.created_at, calls.completed_at,
+              1000 * extract(epoch FROM clock_timestamp() - statement_timestamp())
+    INTO call_index, created_at, completed_at, waited_ms;
+    IF call_index IS NULL THEN
+        RETURN;  -- unknown state: nothing written
+    END IF;
+    -- The call's commit is asynchronous: the counter row is free from here.
+    COMMIT;
+    -- Acknowledge only once the log is on disk past that commit.
+    PERFORM set_config('synchronous_commit', 'on', true);
+    PERFORM pg_logical_emit_message(true, 'callindex', '');
+END;
+$$;
+
+CREATE FUNCTION callindex_record_call(
+    p_call_id text, p_state_id text, p_call_type text, p_status text,
+    p_request text, p_request_hash text, p_response text, p_response_hash text,
+    p_error text, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    recorded calls;
+BEGIN
+    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT recorded;
+        RETURN;
+    END IF;
+    WITH counter AS (
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = p_state_id
+        RETURNING next_index - 1 AS next
+    )
+    INSERT INTO calls (
+        call_id, state_id, call_index, call_type, status,
+        request, request_hash, response, response_hash, error, error_hash,
+        latency_ms, created_at, completed_at, hash_scheme
+    )
+    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
+           p_request::json, p_request_hash, p_response::json, p_response_hash,
+           p_error::json, p_error_hash,
+           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END,
+           'rfc8785'
+    FROM counter
+    RETURNING * INTO recorded;
+    IF FOUND THEN
+        RETURN NEXT recorded;  -- no row at all: the state is unknown
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response text, p_response_hash text,
+    p_error text, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response::json, response_hash = p_response_hash,
+        error = p_error::json, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
+    RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'insufficient_privilege';
+    END IF;
+END;
+$$;
+
+DO $$
+DECLARE
+    fn text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['callindex_record_call(text, text, text, text, text, text, text, text, text, text, double precision)', 'callindex_finish_call(text, text, text, text, text, text, double precision)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', fn, current_schema());
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', fn);
+    END LOOP;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0006' WHERE callindex_alembic_version.version_num = '0005';
+
 COMMIT;
 

@@ -36,15 +36,16 @@ WITH counter AS (
 INSERT INTO calls (
     call_id, state_id, call_index, call_type, status,
     request, request_hash, response, response_hash, error, error_hash,
-    latency_ms, created_at, completed_at
+    latency_ms, created_at, completed_at, hash_scheme
 )
 SELECT CAST(:call_id AS text), CAST(:state_id AS text), counter.call_index,
        CAST(:call_type AS text), CAST(:status AS text),
-       CAST(:request AS jsonb), CAST(:request_hash AS text),
-       CAST(:response AS jsonb), CAST(:response_hash AS text),
-       CAST(:error AS jsonb), CAST(:error_hash AS text),
+       CAST(:request AS json), CAST(:request_hash AS text),
+       CAST(:response AS json), CAST(:response_hash AS text),
+       CAST(:error AS json), CAST(:error_hash AS text),
        CAST(:latency_ms AS double precision),
-       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END
+       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END,
+       'rfc8785'
 FROM counter, durable
 RETURNING call_index, created_at, completed_at,
           1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()) AS waited_ms;
@@ -60,15 +61,16 @@ WITH durable AS (
 INSERT INTO calls (
     call_id, state_id, call_index, call_type, status,
     request, request_hash, response, response_hash, error, error_hash,
-    latency_ms, created_at, completed_at
+    latency_ms, created_at, completed_at, hash_scheme
 )
 SELECT CAST(:call_id AS text), counters.state_id, CAST(:call_index AS bigint),
        CAST(:call_type AS text), CAST(:status AS text),
-       CAST(:request AS jsonb), CAST(:request_hash AS text),
-       CAST(:response AS jsonb), CAST(:response_hash AS text),
-       CAST(:error AS jsonb), CAST(:error_hash AS text),
+       CAST(:request AS json), CAST(:request_hash AS text),
+       CAST(:response AS json), CAST(:response_hash AS text),
+       CAST(:error AS json), CAST(:error_hash AS text),
        CAST(:latency_ms AS double precision),
-       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END
+       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END,
+       'rfc8785'
 FROM call_index_counters AS counters, durable
 WHERE counters.state_id = CAST(:state_id AS text)
   AND CAST(:call_index AS bigint) < counters.next_index
@@ -84,8 +86,8 @@ RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
 -- and the procedure returns once a synchronous commit after it is on disk.
 CALL callindex_record_released(
     CAST(:call_id AS text), CAST(:state_id AS text), CAST(:call_type AS text),
-    CAST(:status AS text), CAST(:request AS jsonb), CAST(:request_hash AS text),
-    CAST(:response AS jsonb), CAST(:response_hash AS text), CAST(:error AS jsonb),
+    CAST(:status AS text), CAST(:request AS text), CAST(:request_hash AS text),
+    CAST(:response AS text), CAST(:response_hash AS text), CAST(:error AS text),
     CAST(:error_hash AS text), CAST(:latency_ms AS double precision),
     CAST(NULL AS bigint), CAST(NULL AS timestamptz), CAST(NULL AS timestamptz),
     CAST(NULL AS double precision)
@@ -105,10 +107,11 @@ WITH durable AS (
     SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
 )
 SELECT finished.call_id, finished.state_id, finished.call_index, finished.call_type,
-       finished.request, finished.request_hash, finished.created_at, finished.completed_at
+       finished.request, finished.request_hash, finished.created_at, finished.completed_at,
+       finished.hash_scheme
 FROM durable, callindex_finish_call(
-    CAST(:call_id AS text), CAST(:status AS text), CAST(:response AS jsonb),
-    CAST(:response_hash AS text), CAST(:error AS jsonb), CAST(:error_hash AS text),
+    CAST(:call_id AS text), CAST(:status AS text), CAST(:response AS text),
+    CAST(:response_hash AS text), CAST(:error AS text), CAST(:error_hash AS text),
     CAST(:latency_ms AS double precision)
 ) AS finished;
 

@@ -6,7 +6,7 @@
 -- find_call --
 SELECT call_id, state_id, call_index, call_type, status,
        request, request_hash, response, response_hash, error, error_hash,
-       latency_ms, created_at, completed_at
+       latency_ms, created_at, completed_at, hash_scheme
 FROM calls
 WHERE call_id = :call_id;
 
@@ -25,10 +25,21 @@ WHERE state_id = :state_id;
 -- calls_of_state --
 SELECT call_id, state_id, call_index, call_type, status,
        request, request_hash, response, response_hash, error, error_hash,
-       latency_ms, created_at, completed_at
+       latency_ms, created_at, completed_at, hash_scheme
 FROM calls
 WHERE state_id = :state_id
 ORDER BY call_index;
+
+-- calls_with_request_hash --
+-- Replay: the calls whose request hashes to :request_hash, of one call type
+-- (or any, with :call_type NULL), in (state_id, call_index) order.
+SELECT call_id, state_id, call_index, call_type, status,
+       request, request_hash, response, response_hash, error, error_hash,
+       latency_ms, created_at, completed_at, hash_scheme
+FROM calls
+WHERE request_hash = :request_hash
+  AND (CAST(:call_type AS text) IS NULL OR call_type = :call_type)
+ORDER BY state_id, call_index;
 
 -- repair_counters --
 -- Move every counter that is behind its calls to max(call_index) + 1.
@@ -115,3 +126,15 @@ SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
 
 -- state_count --
 SELECT count(*) AS states FROM call_index_counters;
+
+-- stored_payloads --
+-- verify --hashes: the next :batch calls after :after_call_id (in call_id
+-- order), with their payloads as the text stored and the hashes recorded.
+SELECT call_id, state_id, call_index, hash_scheme,
+       CAST(request AS text) AS request, request_hash,
+       CAST(response AS text) AS response, response_hash,
+       CAST(error AS text) AS error, error_hash
+FROM calls
+WHERE call_id > :after_call_id
+ORDER BY call_id
+LIMIT :batch;

@@ -23,13 +23,14 @@ RETURNING next_index - :count AS first_index;
 INSERT INTO calls (
     call_id, state_id, call_index, call_type, status,
     request, request_hash, response, response_hash, error, error_hash,
-    latency_ms, created_at, completed_at
+    latency_ms, created_at, completed_at, hash_scheme
 )
 VALUES (
     :call_id, :state_id, :call_index, :call_type, :status,
     :request, :request_hash, :response, :response_hash, :error, :error_hash,
     :latency_ms, strftime('%Y-%m-%d %H:%M:%f', 'now'),
-    CASE WHEN :status = 'pending' THEN NULL ELSE strftime('%Y-%m-%d %H:%M:%f', 'now') END
+    CASE WHEN :status = 'pending' THEN NULL ELSE strftime('%Y-%m-%d %H:%M:%f', 'now') END,
+    'rfc8785'
 )
 RETURNING call_index, created_at, completed_at;
 
@@ -42,7 +43,7 @@ SET status = :status,
     completed_at = strftime('%Y-%m-%d %H:%M:%f', 'now')
 WHERE call_id = :call_id AND status = 'pending'
 RETURNING call_id, state_id, call_index, call_type, request, request_hash,
-          created_at, completed_at;
+          created_at, completed_at, hash_scheme;
 
 -- sweep_pending --
 UPDATE calls

@@ -166,5 +166,31 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_version.version_num = '0004';
 
+-- Running upgrade 0005 -> 0006
+
+CREATE INDEX ix_calls_request_hash ON calls (request_hash);
+
+ALTER TABLE calls ADD COLUMN hash_scheme TEXT NOT NULL DEFAULT 'sorted-json' CONSTRAINT ck_calls_hash_scheme_known CHECK (hash_scheme IN ('sorted-json', 'rfc8785'));
+
+DROP TRIGGER callindex_guard_calls_update;
+
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
+WHEN OLD.status <> 'pending'
+     OR NEW.status = 'pending'
+     OR NEW.completed_at IS NULL
+     OR NEW.call_id IS NOT OLD.call_id
+     OR NEW.state_id IS NOT OLD.state_id
+     OR NEW.call_index IS NOT OLD.call_index
+     OR NEW.call_type IS NOT OLD.call_type
+     OR NEW.request IS NOT OLD.request
+     OR NEW.request_hash IS NOT OLD.request_hash
+     OR NEW.hash_scheme IS NOT OLD.hash_scheme
+     OR NEW.created_at IS NOT OLD.created_at
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a call may change only from pending to finished');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0006' WHERE callindex_alembic_version.version_num = '0005';
+
 COMMIT;
 

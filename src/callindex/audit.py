@@ -7,8 +7,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from callindex import payloads
 from callindex.database import Database, Statements
-from callindex.errors import InvalidInputError
+from callindex.errors import InvalidInputError, InvalidPayloadError
 
 DEFAULT_PENDING_THRESHOLD_SECONDS: Final = 15 * 60
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -53,17 +54,21 @@ class Report:
     unused_reservations: list[dict[str, Any]] = field(default_factory=list)
     stale_pending: list[dict[str, Any]] = field(default_factory=list)
     pending_threshold_seconds: float = DEFAULT_PENDING_THRESHOLD_SECONDS
+    hashes_checked: dict[str, int] | None = None
+    """With ``hashes=True``: the payload hashes recomputed, per hash scheme."""
+    hash_mismatches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.duplicates and not self.counters_behind
+        return not self.duplicates and not self.counters_behind and not self.hash_mismatches
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "gap_cause": GAP_CAUSE, **asdict(self)}
 
 
-def verify(db: Database, pending_threshold_seconds: float) -> Report:
-    """Check every invariant of the trail, in one read transaction."""
+def verify(db: Database, pending_threshold_seconds: float, *, hashes: bool = False) -> Report:
+    """Check every invariant of the trail, in one read transaction; with
+    ``hashes``, also recompute every stored payload's hash (:func:`check_hashes`)."""
     pending_threshold_seconds = validate_seconds(
         pending_threshold_seconds, "pending_threshold_seconds"
     )
@@ -82,9 +87,59 @@ def verify(db: Database, pending_threshold_seconds: float) -> Report:
             unused_reservations=rows("unused_reservations"),
             stale_pending=rows("stale_pending", seconds=pending_threshold_seconds),
             pending_threshold_seconds=pending_threshold_seconds,
+            **(check_hashes(statements) if hashes else {}),
         )
 
     return db.read(check)
+
+
+_HASH_BATCH: Final = 500
+
+
+def check_hashes(statements: Statements) -> dict[str, Any]:
+    """Recompute the hash of every stored payload from the text stored, by the
+    scheme its row was recorded with, in batches (memory stays bounded).
+
+    A mismatch is a payload whose hash differs from the recorded one, a hash
+    without a payload (or the reverse), or stored text that is not JSON.
+    """
+    checked: dict[str, int] = {}
+    mismatches: list[dict[str, Any]] = []
+    after = ""
+    while batch := statements.rows(
+        "stored_payloads", {"after_call_id": after, "batch": _HASH_BATCH}
+    ):
+        for row in batch:
+            scheme = row["hash_scheme"]
+            for name in ("request", "response", "error"):
+                problem = _hash_problem(scheme, row[name], row[f"{name}_hash"])
+                if row[name] is not None or row[f"{name}_hash"] is not None:
+                    checked[scheme] = checked.get(scheme, 0) + 1
+                if problem:
+                    mismatches.append(
+                        {
+                            "call_id": row["call_id"],
+                            "state_id": row["state_id"],
+                            "call_index": row["call_index"],
+                            "payload": name,
+                            "hash_scheme": scheme,
+                            "problem": problem,
+                        }
+                    )
+        after = batch[-1]["call_id"]
+    return {"hashes_checked": checked, "hash_mismatches": mismatches}
+
+
+def _hash_problem(scheme: str, stored: str | None, recorded: str | None) -> str | None:
+    if stored is None or recorded is None:
+        return None if stored is recorded else "a hash without a payload, or a payload without one"
+    try:
+        recomputed = payloads.recompute(scheme, stored)
+    except (InvalidPayloadError, ValueError) as error:
+        return f"stored text cannot be hashed: {error}"
+    if recomputed != recorded:
+        return f"recorded {recorded}, recomputed {recomputed}"
+    return None
 
 
 def _plain(value: Any) -> Any:

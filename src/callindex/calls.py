@@ -54,6 +54,9 @@ class Call:
     latency_ms: float | None
     created_at: datetime
     completed_at: datetime | None
+    hash_scheme: str = payloads.SCHEME
+    """How the hashes were made: ``rfc8785`` (SHA-256 over the payload's RFC 8785
+    form) or, for rows recorded before 0.2, ``sorted-json``."""
 
     @classmethod
     def from_row(cls, values: Mapping[str, Any]) -> Call:
@@ -72,6 +75,7 @@ class Call:
             latency_ms=values["latency_ms"],
             created_at=_timestamp(values["created_at"]),
             completed_at=_timestamp(values["completed_at"]) if values["completed_at"] else None,
+            hash_scheme=values.get("hash_scheme") or payloads.SCHEME,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -313,3 +317,10 @@ def find(statements: Statements, call_id: str) -> Call | None:
 
 def of_state(statements: Statements, state_id: str) -> list[Call]:
     return [Call.from_row(row) for row in statements.rows("calls_of_state", {"state_id": state_id})]
+
+
+def with_request_hash(
+    statements: Statements, request_hash: str, call_type: str | None
+) -> list[Call]:
+    parameters = {"request_hash": request_hash, "call_type": call_type}
+    return [Call.from_row(row) for row in statements.rows("calls_with_request_hash", parameters)]

@@ -227,12 +227,17 @@ def calls_command(ctx: click.Context, state_id: str, as_json: bool) -> None:
     show_default=True,
     help="Report pending calls at least this old (90s, 15m, 2h).",
 )
+@click.option(
+    "--hashes",
+    is_flag=True,
+    help="Also recompute every payload hash from the stored payload (reads every call).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def verify(ctx: click.Context, pending_older_than: float, as_json: bool) -> None:
+def verify(ctx: click.Context, pending_older_than: float, hashes: bool, as_json: bool) -> None:
     """Check the audit trail's invariants; exit 1 on a violation."""
     with CallRecorder(_url(ctx)) as recorder:
-        report = recorder.verify(pending_older_than)
+        report = recorder.verify(pending_older_than, hashes=hashes)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:
@@ -257,6 +262,16 @@ def _print_report(report: audit.Report) -> None:
             False,
         ),
     ]
+    if report.hashes_checked is not None:
+        schemes = ", ".join(f"{n} {s}" for s, n in sorted(report.hashes_checked.items()))
+        checks.insert(
+            2,
+            (
+                f"payload hashes that differ ({schemes or 'none'} checked)",
+                report.hash_mismatches,
+                True,
+            ),
+        )
     for label, found, violation in checks:
         mark = (
             "[red]FAIL[/]"

@@ -294,7 +294,7 @@ class Database:
 
 # Queries that return call rows: their payloads and timestamps are typed so
 # both backends hand back decoded JSON and datetimes.
-_RETURNS_CALLS: Final = frozenset({"find_call", "calls_of_state"})
+_RETURNS_CALLS: Final = frozenset({"find_call", "calls_of_state", "calls_with_request_hash"})
 
 
 @functools.cache

@@ -24,11 +24,16 @@ Hierarchy::
     │   ├── SchemaMissingError     the tables are not there: run `callindex db upgrade`
     │   ├── SchemaVersionError     the database is behind or ahead of this library
     │   └── AdoptionError          a calls table callindex cannot adopt as it is
-    └── DatabaseError
-        ├── DatabaseUnavailableError   server unreachable, connection lost, shutting down
-        ├── ContentionError            lock or busy timeout, serialization failure, deadlock
-        ├── CounterBehindError         a counter is behind its calls: run `callindex repair`
-        └── ImmutableCallError         the database refused to change or delete a call
+    ├── DatabaseError
+    │   ├── DatabaseUnavailableError   server unreachable, connection lost, shutting down
+    │   ├── ContentionError            lock or busy timeout, serialization failure, deadlock
+    │   ├── CounterBehindError         a counter is behind its calls: run `callindex repair`
+    │   └── ImmutableCallError         the database refused to change or delete a call
+    └── LLMError                   a completion the LLM clients cannot return (call recorded)
+        ├── LLMRateLimitedError            still 429 when the retries ran out
+        ├── LLMContentFilteredError        finish_reason content_filter, or no content
+        │                                  and no tool calls
+        └── LLMMalformedCompletionError    a 200 whose body is not a chat completion
 """
 
 from __future__ import annotations
@@ -146,3 +151,83 @@ class CounterBehindError(DatabaseError):
 
 class ImmutableCallError(DatabaseError):
     """The database refused to change or delete a call (finished calls are immutable)."""
+
+
+class LLMError(CallIndexError):
+    """A chat completion the LLM clients cannot hand back as a result. Raised
+    only once the call is recorded and finished.
+
+    ``status_code`` and ``response_body`` (the parsed JSON, or ``None``) are
+    those of the final response; ``operation_id`` is the
+    ``request["operation_id"]`` its recorded attempts share, ``attempts`` how
+    many there were. Messages never quote the server or the request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        response_body: object = None,
+        operation_id: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.response_body = response_body
+        self.operation_id = operation_id
+        self.attempts = attempts
+
+
+class LLMRateLimitedError(LLMError):
+    """The endpoint still answered 429 when the retries ran out. ``retry_after``
+    is the delay in seconds its last response asked for (``None``: none asked)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status_code: int | None = None,
+        response_body: object = None,
+        operation_id: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            status_code=status_code,
+            response_body=response_body,
+            operation_id=operation_id,
+            attempts=attempts,
+        )
+        self.retry_after = retry_after
+
+
+class LLMContentFilteredError(LLMError):
+    """A 200 whose completion the provider withheld: ``finish_reason`` is
+    ``content_filter``, or the message has neither content nor tool calls."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        finish_reason: str | None = None,
+        status_code: int | None = None,
+        response_body: object = None,
+        operation_id: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            status_code=status_code,
+            response_body=response_body,
+            operation_id=operation_id,
+            attempts=attempts,
+        )
+        self.finish_reason = finish_reason
+
+
+class LLMMalformedCompletionError(LLMError):
+    """A 200 whose body is not a chat completion: not a JSON object, no
+    ``choices``, a choice without a ``message`` object, or a ``content`` that is
+    neither a string nor null."""

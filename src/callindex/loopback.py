@@ -32,14 +32,16 @@ from urllib.parse import parse_qs, urlsplit
 
 @dataclass(frozen=True)
 class Reply:
-    """One planned reply: a status with headers and a JSON body, a delay before
-    answering, or ``drop=True`` to close the connection without an answer."""
+    """One planned reply: a status with headers and a JSON body (or ``raw``
+    bytes sent as they are, labelled JSON, as a broken server might), a delay
+    before answering, or ``drop=True`` to close the connection without an answer."""
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
     delay: float = 0.0
     drop: bool = False
+    raw: bytes | None = None
 
     @classmethod
     def too_many_requests(cls, retry_after: str = "0") -> Reply:
@@ -175,7 +177,8 @@ def _handler_for(api: LoopbackAPI) -> type[BaseHTTPRequestHandler]:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return "dropped"
                 if fault.status:
-                    self._send_json(fault.status, fault.body or {}, fault.headers)
+                    data = json.dumps(fault.body or {}).encode() if fault.raw is None else fault.raw
+                    self._send(fault.status, data, "application/json", fault.headers)
                     return str(fault.status)
             return self._route(raw)
 

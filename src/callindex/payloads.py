@@ -1,8 +1,13 @@
 """Payloads: validated, canonical JSON and its SHA-256.
 
-The canonical form is ``json.dumps`` with sorted keys, no whitespace and UTF-8
-(not ASCII escapes). RFC 8785 (JCS) was considered and rejected: it refuses
-integers beyond 2**53, which real API responses carry (64-bit ids).
+The canonical form is RFC 8785, the JSON Canonicalization Scheme, computed
+with the ``rfc8785`` package: what is stored is that text, and its hash is
+SHA-256 over its UTF-8 bytes, so anyone can recompute it in any language
+(the upstream framework hashes the same way). JCS numbers are IEEE doubles,
+so integers beyond ±(2**53 - 1) are refused: pass such ids as strings.
+
+Rows recorded before 0.2 carry :data:`LEGACY_SCHEME` (sorted-key
+``json.dumps``); :func:`recompute` checks each by its own scheme.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+import rfc8785
+
 from callindex.errors import InvalidPayloadError, PayloadTooLargeError
 
+SCHEME: Final = "rfc8785"
+LEGACY_SCHEME: Final = "sorted-json"
+HASH_SCHEMES: Final = (SCHEME, LEGACY_SCHEME)
+SAFE_INTEGER: Final = 2**53 - 1
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 _MAX_DEPTH: Final = 64
 # json.dumps writes a NUL character as \u0000; an even run of backslashes
@@ -31,18 +42,62 @@ class Payload:
 
 
 def canonical_json(value: Any) -> str:
-    """The canonical JSON text of ``value`` (no validation beyond ``json``'s)."""
+    """The RFC 8785 text of ``value``; :class:`InvalidPayloadError` for what
+    JCS cannot represent (NaN, infinities, integers beyond ±(2**53 - 1),
+    non-JSON types)."""
+    try:
+        return rfc8785.dumps(value).decode("utf-8")
+    except rfc8785.IntegerDomainError as error:
+        raise InvalidPayloadError(
+            "holds an integer beyond ±(2**53 - 1): JSON numbers are doubles "
+            "(RFC 8785); store it as a string"
+        ) from error
+    except rfc8785.FloatDomainError as error:
+        raise InvalidPayloadError(
+            "holds NaN or an infinity, which JSON cannot represent"
+        ) from error
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as error:
+        if "UTF-8" in str(error) or isinstance(error, UnicodeError):
+            raise InvalidPayloadError("contains a lone surrogate (invalid Unicode)") from error
+        raise InvalidPayloadError(f"is not JSON-serialisable: {error}") from error
+
+
+def legacy_json(value: Any) -> str:
+    """The canonical text of :data:`LEGACY_SCHEME` (before 0.2)."""
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+
+
+def parse_stored(text: str) -> Any:
+    """A stored payload parsed as RFC 8785 reads it: numbers are doubles, so an
+    integer beyond ±(2**53 - 1) (a double JCS wrote in full) comes back a float."""
+    return json.loads(text, parse_int=_json_integer)
+
+
+def _json_integer(digits: str) -> int | float:
+    number = int(digits)
+    return number if abs(number) <= SAFE_INTEGER else float(digits)
+
+
+def recompute(scheme: str, text: str) -> str:
+    """The hash of a stored payload's text, by the scheme its row was recorded with."""
+    if scheme == SCHEME:
+        canonical = rfc8785.dumps(parse_stored(text))
+    elif scheme == LEGACY_SCHEME:
+        canonical = legacy_json(json.loads(text)).encode("utf-8")
+    else:
+        raise InvalidPayloadError(f"unknown hash scheme {scheme!r}; known: {HASH_SCHEMES}")
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def prepare(name: str, value: Any) -> Payload | None:
     """Validate ``value`` and return it as a :class:`Payload`; ``None`` stays ``None``.
 
     Refused with :class:`InvalidPayloadError`: values JSON cannot represent
-    (sets, bytes, objects, NaN, non-string keys), NUL characters (PostgreSQL's
-    JSONB cannot store them, so SQLite refuses them too), lone surrogates,
+    (sets, bytes, objects, NaN, non-string keys, integers beyond
+    ±(2**53 - 1)), NUL characters (PostgreSQL
+    cannot read them as text, so SQLite refuses them too), lone surrogates,
     nesting deeper than 64; with :class:`PayloadTooLargeError`: canonical JSON
     over ``MAX_PAYLOAD_BYTES``.
     """
@@ -52,16 +107,11 @@ def prepare(name: str, value: Any) -> Payload | None:
         _check_depth(name, value, depth=0)
     try:
         text = canonical_json(value)
-    except (TypeError, ValueError) as error:
-        raise InvalidPayloadError(f"{name} is not JSON-serialisable: {error}") from error
+    except InvalidPayloadError as error:
+        raise InvalidPayloadError(f"{name} {error}") from error.__cause__
     if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise InvalidPayloadError(f"{name} contains a NUL character")
-    try:
-        encoded = text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidPayloadError(
-            f"{name} contains a lone surrogate (invalid Unicode) at character {error.start}"
-        ) from error
+    encoded = text.encode("utf-8")
     if len(encoded) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(
             f"{name} is {len(encoded):,} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES:,}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import URL, Connection, Engine
 
@@ -193,15 +194,34 @@ class CallRecorder:
         state_id = allocator.validate_state_id(state_id)
         return self._db.read(lambda statements: calls.of_state(statements, state_id))
 
+    def calls_with_request_hash(
+        self, request_hash: str, *, call_type: CallType | None = None
+    ) -> list[Call]:
+        """The calls whose ``request_hash`` is ``request_hash`` (SHA-256 of the
+        request's RFC 8785 form, as the upstream framework computes it), of
+        ``call_type`` if given, in ``(state_id, call_index)`` order: the lookup
+        replay runs on."""
+        if not isinstance(request_hash, str) or not _SHA256.fullmatch(request_hash):
+            raise InvalidInputError("request_hash must be 64 lower-case hexadecimal digits")
+        if call_type is not None:
+            call_type = calls.validate_call_type(call_type)
+        return self._db.read(
+            lambda statements: calls.with_request_hash(statements, request_hash, call_type)
+        )
+
     def get_call(self, call_id: str) -> Call | None:
         call_id = calls.validate_call_id(call_id)
         return self._db.read(lambda statements: calls.find(statements, call_id))
 
     def verify(
-        self, pending_threshold_seconds: float = audit.DEFAULT_PENDING_THRESHOLD_SECONDS
+        self,
+        pending_threshold_seconds: float = audit.DEFAULT_PENDING_THRESHOLD_SECONDS,
+        *,
+        hashes: bool = False,
     ) -> audit.Report:
-        """Check the trail's invariants; see :class:`callindex.audit.Report`."""
-        return audit.verify(self._db, pending_threshold_seconds)
+        """Check the trail's invariants; with ``hashes``, also recompute every
+        stored payload's hash. See :class:`callindex.audit.Report`."""
+        return audit.verify(self._db, pending_threshold_seconds, hashes=hashes)
 
     def sweep(self, older_than_seconds: float, *, state_prefix: str = "") -> list[dict[str, Any]]:
         """Mark pending calls at least this old ``abandoned`` (only those of states
@@ -231,6 +251,7 @@ class CallRecorder:
         return f"CallRecorder({self._db.display_url!r})"
 
 
+_SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _PENDING: dict[str, Any] = {
     "status": "pending",
     "response": None,

@@ -25,10 +25,12 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+
+from callindex.payloads import LEGACY_SCHEME, SCHEME
 
 NAMING_CONVENTION: Final = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,7 +68,9 @@ def _utc_now_sqlite(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
-_json = JSON().with_variant(JSONB(), "postgresql")
+# PostgreSQL's json (not jsonb): it keeps a payload's text as written, so what
+# is stored hashes to what is recorded (jsonb rewrites numbers).
+_json = JSON().with_variant(postgresql.JSON(), "postgresql")
 
 call_index_counters = Table(
     "call_index_counters",
@@ -106,11 +110,17 @@ calls = Table(
     # PostgreSQL: the login role that recorded the call (session_user); only
     # it may finish the call through callindex_finish_call.
     Column("recorded_by", Text, nullable=True),
+    # How the row's hashes were made (callindex.payloads.HASH_SCHEMES).
+    Column("hash_scheme", Text, nullable=False, server_default=LEGACY_SCHEME),
     UniqueConstraint("state_id", "call_index"),
     CheckConstraint("call_index >= 0", name="call_index_non_negative"),
     CheckConstraint(
         "status IN ({})".format(", ".join(f"'{s}'" for s in CALL_STATUSES)),
         name="status_known",
+    ),
+    CheckConstraint(
+        "hash_scheme IN ({})".format(", ".join(f"'{s}'" for s in (LEGACY_SCHEME, SCHEME))),
+        name="hash_scheme_known",
     ),
 )
 
@@ -121,3 +131,6 @@ Index(
     postgresql_where=text("status = 'pending'"),
     sqlite_where=text("status = 'pending'"),
 )
+
+# Replay looks calls up by the hash of their request.
+Index("ix_calls_request_hash", calls.c.request_hash)
