@@ -63,6 +63,10 @@ GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request
               completed_at, hash_scheme)
     ON calls TO callindex_app;
 GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
+-- CallRecorder(auto_open=True) opens a state in the statement that records
+-- its first call. A new counter holds no calls yet (calls reference it), so
+-- inserting one cannot put a recorded call out of the counter's reach.
+GRANT INSERT (state_id, next_index) ON call_index_counters TO callindex_app;
 GRANT SELECT ON callindex_alembic_version TO callindex_app;
 GRANT EXECUTE ON FUNCTION
     callindex_open_state(text),

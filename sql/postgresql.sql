@@ -686,6 +686,24 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION callindex_guard_new_counter() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a new counter starts at most 1000000 (state %, next %)',
+        NEW.state_id, NEW.next_index USING ERRCODE = 'CX001';
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('CREATE TRIGGER callindex_guard_new_counter BEFORE INSERT '
+                   'ON call_index_counters FOR EACH ROW '
+                   'WHEN (NEW.next_index > 1000000 AND current_user <> %L) '
+                   'EXECUTE FUNCTION callindex_guard_new_counter()', current_user);
+END;
+$$;
+
 UPDATE callindex_alembic_version SET version_num='0006' WHERE callindex_alembic_version.version_num = '0005';
 
 COMMIT;

@@ -20,6 +20,18 @@ FROM durable
 WHERE state_id = CAST(:state_id AS text)
 RETURNING next_index - CAST(:count AS bigint) AS first_index;
 
+-- allocate_opening --
+-- allocate_call_index for CallRecorder(auto_open=True): an unknown state is
+-- opened (past any calls it has) and allocated from in the same statement.
+WITH durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+INSERT INTO call_index_counters AS counters (state_id, next_index)
+SELECT CAST(:state_id AS text), coalesce(max(calls.call_index) + 1, 0) + CAST(:count AS bigint)
+FROM durable LEFT JOIN calls ON calls.state_id = CAST(:state_id AS text)
+ON CONFLICT (state_id) DO UPDATE SET next_index = counters.next_index + CAST(:count AS bigint)
+RETURNING next_index - CAST(:count AS bigint) AS first_index;
+
 -- insert_call --
 -- record_call and begin_call: allocate the state's next index and insert the
 -- call with it, in one statement. No row: the state is unknown. A call_id
@@ -29,6 +41,35 @@ RETURNING next_index - CAST(:count AS bigint) AS first_index;
 WITH counter AS (
     UPDATE call_index_counters SET next_index = next_index + 1
     WHERE state_id = CAST(:state_id AS text)
+    RETURNING next_index - 1 AS call_index
+), durable AS (
+    SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
+)
+INSERT INTO calls (
+    call_id, state_id, call_index, call_type, status,
+    request, request_hash, response, response_hash, error, error_hash,
+    latency_ms, created_at, completed_at, hash_scheme
+)
+SELECT CAST(:call_id AS text), CAST(:state_id AS text), counter.call_index,
+       CAST(:call_type AS text), CAST(:status AS text),
+       CAST(:request AS json), CAST(:request_hash AS text),
+       CAST(:response AS json), CAST(:response_hash AS text),
+       CAST(:error AS json), CAST(:error_hash AS text),
+       CAST(:latency_ms AS double precision),
+       now(), CASE WHEN CAST(:status AS text) = 'pending' THEN NULL ELSE now() END,
+       'rfc8785'
+FROM counter, durable
+RETURNING call_index, created_at, completed_at,
+          1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()) AS waited_ms;
+
+-- insert_call_opening --
+-- insert_call for CallRecorder(auto_open=True): an unknown state is opened
+-- in the same statement that records its first call.
+WITH counter AS (
+    INSERT INTO call_index_counters AS counters (state_id, next_index)
+    SELECT CAST(:state_id AS text), coalesce(max(calls.call_index) + 1, 0) + 1
+    FROM calls WHERE calls.state_id = CAST(:state_id AS text)
+    ON CONFLICT (state_id) DO UPDATE SET next_index = counters.next_index + 1
     RETURNING next_index - 1 AS call_index
 ), durable AS (
     SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)

@@ -16,6 +16,14 @@ SET next_index = next_index + :count
 WHERE state_id = :state_id
 RETURNING next_index - :count AS first_index;
 
+-- allocate_opening --
+-- allocate_call_index for CallRecorder(auto_open=True): an unknown state is
+-- opened (past any calls it has) and allocated from in the same statement.
+INSERT INTO call_index_counters (state_id, next_index)
+SELECT :state_id, coalesce(max(call_index) + 1, 0) + :count FROM calls WHERE state_id = :state_id
+ON CONFLICT (state_id) DO UPDATE SET next_index = next_index + :count
+RETURNING next_index - :count AS first_index;
+
 -- insert_call --
 -- The second half of record_call and begin_call, after allocate_call_index
 -- in the same BEGIN IMMEDIATE transaction. No row: the numbering trigger of

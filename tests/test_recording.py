@@ -33,6 +33,7 @@ from conftest import (
     counter_value,
     insert_bypassing_the_counter,
 )
+from workers import record_many, run_workers
 
 
 @pytest.fixture
@@ -483,6 +484,42 @@ class TestAutoOpen:
             assert recorder.allocate_call_index("f") == 1
             assert recorder.verify().ok
         assert counter_count(db_url) == 6
+
+    def test_a_write_that_fails_opens_nothing(self, db_url: str) -> None:
+        """The state is opened by the statement that records: when the call is
+        refused, no counter row is left behind."""
+        with CallRecorder(db_url, auto_open=True) as recorder:
+            recorder.record_call("first", "http", "success", {"n": 1}, call_id="taken")
+            with pytest.raises(CallIdConflictError):
+                recorder.record_call("second", "http", "success", {"n": 2}, call_id="taken")
+            with pytest.raises(CallIdConflictError):
+                recorder.begin_call("third", "http", {"n": 3}, call_id="taken")
+            with pytest.raises(IndexNotReservedError):
+                recorder.record_call("fourth", "http", "success", {}, call_index=0)
+            with recorder.engine.connect() as conn, conn.begin() as transaction:
+                assert recorder.allocate_call_index("fifth", connection=conn) == 0
+                transaction.rollback()
+        for state_id in ("second", "third", "fourth", "fifth"):
+            assert counter_value(db_url, state_id) is None
+        assert counter_value(db_url, "first") == 1
+
+    @pytest.mark.parametrize("early_release", [None, True])
+    def test_processes_opening_the_same_new_states_at_once(
+        self, db_url: str, early_release: bool | None
+    ) -> None:
+        states = [f"new-{n}" for n in range(3)]
+        reports = run_workers(
+            record_many,
+            [
+                (db_url, f"w{w}", states, 30, None, 0.0, False, None, early_release, True)
+                for w in range(4)
+            ],
+        )
+        acknowledged = {k: tuple(v) for r in reports for k, v in r["acknowledged"].items()}
+        assert len(acknowledged) == 120
+        assert_trail_sound(db_url, acknowledged)
+        assert counter_count(db_url) == 3
+        assert [counter_value(db_url, s) for s in states] == [40, 40, 40]
 
     def test_the_default_stays_strict(self, recorder: CallRecorder, db_url: str) -> None:
         with pytest.raises(UnknownStateError):

@@ -14,6 +14,8 @@ from callindex import CallRecorder, DatabaseError, ImmutableCallError, migration
 from callindex.database import Database
 from callindex.resources import resource_dir
 
+from conftest import counter_value
+
 LOGINS = {
     "callindex_test_app": "callindex_app",
     "callindex_test_app_other": "callindex_app",
@@ -72,6 +74,17 @@ class TestTheApplicationRole:
             assert [c.call_index for c in app.calls("t")] == [reserved.call_index] == [1]
             assert app.verify().ok
 
+    @pytest.mark.parametrize("early_release", [False, True])
+    def test_opens_states_on_demand_with_auto_open(self, roles: str, early_release: bool) -> None:
+        app_url = as_role(roles, "callindex_test_app")
+        with CallRecorder(app_url, auto_open=True, early_release=early_release) as app:
+            assert app.record_call("new-1", "http", "success", {}).call_index == 0
+            assert app.begin_call("new-2", "http", {}).call_index == 0
+            assert app.allocate_call_index("new-3", 2) == 0
+            assert app.allocate_call_indices({"new-4": 1, "new-3": 1}) == {"new-3": 2, "new-4": 0}
+            assert app.record_call("new-1", "http", "success", {}).call_index == 1
+            assert app.verify().ok
+
     def test_a_plain_insert_is_numbered_by_the_counter_in_legacy_writers_mode(
         self, roles: str
     ) -> None:
@@ -100,7 +113,6 @@ class TestTheApplicationRole:
             "DELETE FROM calls WHERE call_id = 'finished'",
             "TRUNCATE calls",
             "UPDATE call_index_counters SET state_id = 'y' WHERE state_id = 's'",
-            "INSERT INTO call_index_counters (state_id, next_index) VALUES ('x', 10)",
             "DELETE FROM call_index_counters WHERE state_id = 's'",
             "UPDATE callindex_alembic_version SET version_num = '0001'",
         ],
@@ -219,6 +231,26 @@ class TestWhatAnInsertCannotForge:
         with CallRecorder(roles) as owner:
             assert [c.call_index for c in owner.calls("s")] == [0, 2]
             assert owner.verify().ok
+
+    def test_a_new_counter_cannot_start_out_of_reach(self, roles: str) -> None:
+        """The role may open states (auto_open does, in the statement that
+        records), but a new counter starts at most 1,000,000 ahead."""
+        refused(
+            roles,
+            "callindex_test_app",
+            "INSERT INTO call_index_counters (state_id, next_index) VALUES ('x', 9e18)",
+            because="callindex: a new counter starts at most 1000000",
+        )
+        app = create_engine(as_role(roles, "callindex_test_app"))
+        try:
+            with app.begin() as conn:
+                conn.execute(
+                    text("INSERT INTO call_index_counters (state_id, next_index) VALUES ('y', 10)")
+                )
+        finally:
+            app.dispose()
+        assert counter_value(roles, "x") is None
+        assert counter_value(roles, "y") == 10
 
     def test_a_counter_cannot_be_pushed_out_of_reach(self, roles: str) -> None:
         database = Database(roles)

@@ -116,9 +116,11 @@ def record_many(
     open_states: bool = False,
     engine_connect_args: dict[str, Any] | None = None,
     early_release: bool | None = None,
+    auto_open: bool = False,
 ) -> None:
     """Record ``calls`` calls round-robin over ``states`` (opening each first
-    when ``open_states``), alternating one-shot and two-phase calls; report
+    when ``open_states``; by the recorder when ``auto_open``), alternating
+    one-shot and two-phase calls; report
     ``{"acknowledged": {call_id: [state, index]}, "retries": n}``. Only calls
     whose write returned are acknowledged. With ``engine_connect_args`` the
     recorder is built from an SQLAlchemy Engine made with them."""
@@ -128,7 +130,9 @@ def record_many(
         target: Any = url
         if engine_connect_args is not None:
             target = create_engine(url, connect_args=engine_connect_args)
-        with CallRecorder(target, retry=policy, early_release=early_release) as recorder:
+        with CallRecorder(
+            target, retry=policy, early_release=early_release, auto_open=auto_open
+        ) as recorder:
             barrier.wait()
             for n in range(calls):
                 state_id = states[n % len(states)]

@@ -16,6 +16,12 @@ untyped literals picks them); the ``jsonb`` ones stay for earlier workers.
 ``callindex_record_released`` takes text too. Replay looks calls up by
 request hash: ``ix_calls_request_hash``.
 
+``CallRecorder(auto_open=True)`` opens a state in the statement that records
+its first call, so a least-privilege role may insert a counter; one by any
+role but the owner starts at most 1,000,000 ahead (a new state has no calls),
+as an update may move it at most that far, so no state can be pushed out of
+reach before its first call.
+
 Revision ID: 0006
 Revises: 0005
 """
@@ -86,6 +92,32 @@ PG_GUARD_CALLS_UPDATE = (
     "OR NEW.created_at IS DISTINCT FROM OLD.created_at) "
     "EXECUTE FUNCTION callindex_guard_calls()"
 )
+
+MAX_STEP = 1_000_000
+
+PG_GUARD_NEW_COUNTER = f"""
+CREATE FUNCTION callindex_guard_new_counter() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a new counter starts at most {MAX_STEP} (state %, next %)',
+        NEW.state_id, NEW.next_index USING ERRCODE = 'CX001';
+END;
+$$
+"""
+# Only for roles other than the owner who runs this migration (as
+# callindex_vouch_index): adoption and open_state may start the counter of a
+# state with many calls far ahead, as the owner.
+PG_GUARD_NEW_COUNTER_TRIGGER = f"""
+DO $$
+BEGIN
+    EXECUTE format('CREATE TRIGGER callindex_guard_new_counter BEFORE INSERT '
+                   'ON call_index_counters FOR EACH ROW '
+                   'WHEN (NEW.next_index > {MAX_STEP} AND current_user <> %L) '
+                   'EXECUTE FUNCTION callindex_guard_new_counter()', current_user);
+END;
+$$
+"""
 
 SQLITE_GUARD_CALLS_UPDATE = """
 CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
@@ -309,6 +341,8 @@ def upgrade() -> None:
     op.execute(PG_RECORD_CALL)
     op.execute(PG_FINISH_CALL)
     op.execute(PG_PIN_DEFINERS)
+    op.execute(PG_GUARD_NEW_COUNTER)
+    op.execute(PG_GUARD_NEW_COUNTER_TRIGGER)
 
 
 def downgrade() -> None:
@@ -322,6 +356,8 @@ def downgrade() -> None:
         if numbering:
             _sqlite_create_numbering()
         return
+    op.execute("DROP TRIGGER callindex_guard_new_counter ON call_index_counters")
+    op.execute("DROP FUNCTION callindex_guard_new_counter()")
     op.execute(f"DROP PROCEDURE {RECORD_RELEASED_SIGNATURE.format(json='text')}")
     op.execute(_revision("0005").PG_RECORD_RELEASED)  # type: ignore[attr-defined]
     for signature in DEFINERS:

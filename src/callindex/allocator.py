@@ -59,18 +59,32 @@ def open_state(db: Database, state_id: str, connection: Connection | None = None
         )
 
 
-def allocate(db: Database, state_id: str, count: int, connection: Connection | None = None) -> int:
-    """Reserve ``count`` consecutive indices of ``state_id`` and return the first."""
+def allocate(
+    db: Database,
+    state_id: str,
+    count: int,
+    connection: Connection | None = None,
+    *,
+    opening: bool = False,
+) -> int:
+    """Reserve ``count`` consecutive indices of ``state_id`` and return the first;
+    with ``opening``, an unknown state is opened by the same statement."""
     if connection is None:
-        return db.write(lambda backend: backend.allocate(state_id, count))
+        return db.write(lambda backend: backend.allocate(state_id, count, opening=opening))
     return db.run(
-        lambda statements: db.backend.allocate_in(statements.connection, state_id, count),
+        lambda statements: db.backend.allocate_in(
+            statements.connection, state_id, count, opening=opening
+        ),
         connection=connection,
     )
 
 
 def allocate_many(
-    db: Database, counts: Mapping[str, int], connection: Connection | None = None
+    db: Database,
+    counts: Mapping[str, int],
+    connection: Connection | None = None,
+    *,
+    opening: bool = False,
 ) -> dict[str, int]:
     """Reserve ``counts[state_id]`` indices for each state, in one transaction.
 
@@ -78,10 +92,12 @@ def allocate_many(
     every caller, so two transactions that share states can never deadlock.
     """
     if connection is None:
-        return db.write(lambda backend: backend.allocate_many(counts))
+        return db.write(lambda backend: backend.allocate_many(counts, opening=opening))
     return db.run(
         lambda statements: {
-            state_id: db.backend.allocate_in(statements.connection, state_id, counts[state_id])
+            state_id: db.backend.allocate_in(
+                statements.connection, state_id, counts[state_id], opening=opening
+            )
             for state_id in sorted(counts)
         },
         connection=connection,

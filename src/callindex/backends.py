@@ -195,13 +195,17 @@ class Backend:
     def open_state(self, state_id: str) -> None:
         raise NotImplementedError
 
-    def allocate(self, state_id: str, count: int) -> int:
+    # opening=True (CallRecorder(auto_open=True)): an unknown state is opened
+    # in the same statement that allocates or records, instead of raising
+    # UnknownStateError.
+
+    def allocate(self, state_id: str, count: int, *, opening: bool = False) -> int:
         raise NotImplementedError
 
-    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+    def allocate_many(self, counts: Mapping[str, int], *, opening: bool = False) -> dict[str, int]:
         raise NotImplementedError
 
-    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+    def insert_call(self, parameters: Mapping[str, Any], *, opening: bool = False) -> Inserted:
         """Insert a call with its state's next index (raises :class:`CallIdTaken`)."""
         raise NotImplementedError
 
@@ -224,9 +228,11 @@ class Backend:
     def open_state_in(self, connection: Connection, state_id: str) -> None:
         connection.execute(self._text("open_state"), self._with_durability({"state_id": state_id}))
 
-    def allocate_in(self, connection: Connection, state_id: str, count: int) -> int:
+    def allocate_in(
+        self, connection: Connection, state_id: str, count: int, *, opening: bool = False
+    ) -> int:
         row = connection.execute(
-            self._text("allocate_call_index"),
+            self._text(_allocation(opening)),
             self._with_durability({"state_id": state_id, "count": count}),
         ).first()
         if row is None:
@@ -238,6 +244,10 @@ class Backend:
 
     def _with_durability(self, parameters: dict[str, Any]) -> dict[str, Any]:
         return parameters
+
+
+def _allocation(opening: bool) -> str:
+    return "allocate_opening" if opening else "allocate_call_index"
 
 
 def _loads(value: str | None) -> Any:
@@ -278,7 +288,9 @@ class PostgreSQLBackend(Backend):
             for name in (
                 "open_state",
                 "allocate_call_index",
+                "allocate_opening",
                 "insert_call",
+                "insert_call_opening",
                 "insert_call_at",
                 "record_released",
                 "finish_call",
@@ -363,14 +375,14 @@ class PostgreSQLBackend(Backend):
         with self.translated():
             self._write("open_state", {"state_id": state_id})
 
-    def allocate(self, state_id: str, count: int) -> int:
+    def allocate(self, state_id: str, count: int, *, opening: bool = False) -> int:
         with self.translated():
-            rows = self._write("allocate_call_index", {"state_id": state_id, "count": count})
+            rows = self._write(_allocation(opening), {"state_id": state_id, "count": count})
         if not rows:
             raise UnknownStateError(state_id)
         return int(rows[0][0])
 
-    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+    def allocate_many(self, counts: Mapping[str, int], *, opening: bool = False) -> dict[str, int]:
         with self.translated(), self.pool.connection() as conn, conn.transaction():
             first = {}
             for state_id in sorted(counts):  # one lock order for every caller: no deadlock
@@ -379,28 +391,36 @@ class PostgreSQLBackend(Backend):
                     "count": counts[state_id],
                     "synchronous_commit": "on",
                 }
-                row = self._execute(conn, "allocate_call_index", parameters).fetchone()
+                row = self._execute(conn, _allocation(opening), parameters).fetchone()
                 if row is None:
                     raise UnknownStateError(state_id)
                 first[state_id] = int(row[0])
             return first
 
-    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+    def insert_call(self, parameters: Mapping[str, Any], *, opening: bool = False) -> Inserted:
         statement = "record_released" if self._releases_early() else "insert_call"
-        with self.translated():
-            try:
-                rows = self._write(statement, dict(parameters))
-            except psycopg.errors.UniqueViolation:
-                # By meaning, not by constraint name: is the call_id recorded?
-                if self._recorded(parameters["call_id"]):
-                    raise CallIdTaken from None
-                raise
+        if opening and statement == "insert_call":
+            statement = "insert_call_opening"
+        rows = self._insert(statement, parameters)
+        if opening and (not rows or rows[0][0] is None):
+            # Early release found the state unknown: open it as the call is recorded.
+            rows = self._insert("insert_call_opening", parameters)
         if not rows or rows[0][0] is None:
             raise UnknownStateError(parameters["state_id"])
         call_index, created_at, completed_at, waited_ms = rows[0]
         if self.early_release is None and waited_ms > self.CONTENDED_AFTER_MS:
             self._contended_until = time.monotonic() + self.CONTENDED_FOR_SECONDS
         return Inserted(int(call_index), created_at, completed_at)
+
+    def _insert(self, statement: str, parameters: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        with self.translated():
+            try:
+                return self._write(statement, dict(parameters))
+            except psycopg.errors.UniqueViolation:
+                # By meaning, not by constraint name: is the call_id recorded?
+                if self._recorded(parameters["call_id"]):
+                    raise CallIdTaken from None
+                raise
 
     def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
         with self.translated():
@@ -444,6 +464,7 @@ class SQLiteBackend(Backend):
             for name in (
                 "open_state",
                 "allocate_call_index",
+                "allocate_opening",
                 "insert_call",
                 "finish_call",
                 "find_call_index",
@@ -488,28 +509,30 @@ class SQLiteBackend(Backend):
         with self._transaction() as conn:
             conn.execute(self._sql["open_state"], {"state_id": state_id})
 
-    def _allocate(self, conn: sqlite3.Connection, state_id: str, count: int) -> int:
+    def _allocate(
+        self, conn: sqlite3.Connection, state_id: str, count: int, opening: bool = False
+    ) -> int:
         row = conn.execute(
-            self._sql["allocate_call_index"], {"state_id": state_id, "count": count}
+            self._sql[_allocation(opening)], {"state_id": state_id, "count": count}
         ).fetchone()
         if row is None:
             raise UnknownStateError(state_id)
         return int(row[0])
 
-    def allocate(self, state_id: str, count: int) -> int:
+    def allocate(self, state_id: str, count: int, *, opening: bool = False) -> int:
         with self._transaction() as conn:
-            return self._allocate(conn, state_id, count)
+            return self._allocate(conn, state_id, count, opening)
 
-    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, int]:
+    def allocate_many(self, counts: Mapping[str, int], *, opening: bool = False) -> dict[str, int]:
         with self._transaction() as conn:
             return {
-                state_id: self._allocate(conn, state_id, counts[state_id])
+                state_id: self._allocate(conn, state_id, counts[state_id], opening)
                 for state_id in sorted(counts)
             }
 
-    def insert_call(self, parameters: Mapping[str, Any]) -> Inserted:
+    def insert_call(self, parameters: Mapping[str, Any], *, opening: bool = False) -> Inserted:
         with self._transaction() as conn:
-            call_index = self._allocate(conn, parameters["state_id"], 1)
+            call_index = self._allocate(conn, parameters["state_id"], 1, opening)
             try:
                 row = conn.execute(
                     self._sql["insert_call"], {**parameters, "call_index": call_index}

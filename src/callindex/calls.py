@@ -195,7 +195,7 @@ def new_call_parameters(
     }
 
 
-def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
+def insert(db: Database, parameters: Mapping[str, Any], *, opening: bool = False) -> Call:
     """Allocate the next index of the state and insert the call with it, in one
     committed write.
 
@@ -208,10 +208,10 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
             if at is None:
                 if db.read(lambda statements: find(statements, parameters["call_id"])):
                     raise CallIdTaken  # recorded by an earlier attempt: see below
-                _refused_index(db, parameters)
+                _refused_index(db, parameters, opening)
             inserted = at
         else:
-            inserted = db.write(lambda backend: backend.insert_call(parameters))
+            inserted = db.write(lambda backend: backend.insert_call(parameters, opening=opening))
     except CallIdTaken:
         call = db.read(lambda statements: find(statements, parameters["call_id"]))
         assert call is not None, "a call_id refused as taken is recorded"
@@ -226,21 +226,22 @@ def insert(db: Database, parameters: Mapping[str, Any]) -> Call:
     )
 
 
-def _refused_index(db: Database, parameters: Mapping[str, Any]) -> NoReturn:
-    """Why ``record_call(call_index=k)`` wrote nothing, as a typed error."""
+def _refused_index(db: Database, parameters: Mapping[str, Any], opening: bool) -> NoReturn:
+    """Why ``record_call(call_index=k)`` wrote nothing, as a typed error (with
+    ``opening``, a state never opened has handed nothing out)."""
     state_id, index = parameters["state_id"], parameters["call_index"]
     rows = db.read(
         lambda statements: statements.rows(
             "reservation_of", {"state_id": state_id, "call_index": index}
         )
     )
-    if not rows:
+    if not rows and not opening:
         raise UnknownStateError(state_id)
-    if rows[0]["taken"]:
+    if rows and rows[0]["taken"]:
         raise IndexTakenError(f"call_index {index} of state {state_id!r} is taken by another call")
     raise IndexNotReservedError(
         f"call_index {index} of state {state_id!r} was never handed out (the counter is at "
-        f"{rows[0]['next_index']}): reserve it with allocate_call_index first"
+        f"{rows[0]['next_index'] if rows else 0}): reserve it with allocate_call_index first"
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -12,7 +12,7 @@ from sqlalchemy import URL, Connection, Engine
 from callindex import allocator, audit, calls, migrations, payloads
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
-from callindex.errors import InvalidInputError, UnknownStateError
+from callindex.errors import InvalidInputError
 from callindex.retry import DatabaseRetryPolicy
 
 T = TypeVar("T")
@@ -38,8 +38,9 @@ class CallRecorder:
     ``True`` and ``False`` force one way. See "Early lock release" in the docs.
 
     ``auto_open``: allocating or recording for a state never opened opens it
-    (idempotently, as :meth:`open_state` does) and goes on, instead of raising
-    :class:`UnknownStateError` (the default, strict).
+    in the same statement (past any calls it has, as :meth:`open_state` does),
+    instead of raising :class:`UnknownStateError` (the default, strict); a
+    write that fails opens nothing.
     """
 
     def __init__(
@@ -81,9 +82,7 @@ class CallRecorder:
         """
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
-        return self._opening(
-            lambda: allocator.allocate(self._db, state_id, count, connection), connection
-        )
+        return allocator.allocate(self._db, state_id, count, connection, opening=self._auto_open)
 
     def allocate_call_indices(
         self, counts: Mapping[str, int], *, connection: Connection | None = None
@@ -97,9 +96,7 @@ class CallRecorder:
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()
         }
-        return self._opening(
-            lambda: allocator.allocate_many(self._db, checked, connection), connection
-        )
+        return allocator.allocate_many(self._db, checked, connection, opening=self._auto_open)
 
     # Recording
 
@@ -133,7 +130,7 @@ class CallRecorder:
         }
         if call_index is not None:
             parameters["call_index"] = calls.validate_call_index(call_index)
-        return self._opening(lambda: calls.insert(self._db, parameters))
+        return calls.insert(self._db, parameters, opening=self._auto_open)
 
     def begin_call(
         self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
@@ -148,7 +145,7 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return self._opening(lambda: calls.insert(self._db, parameters))
+        return calls.insert(self._db, parameters, opening=self._auto_open)
 
     def finish_call(
         self,
@@ -163,19 +160,6 @@ class CallRecorder:
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
         return calls.finish(self._db, call_id, outcome)
-
-    def _opening(self, write: Callable[[], T], connection: Connection | None = None) -> T:
-        """``write``; with ``auto_open``, each state it finds unknown is opened
-        once and ``write`` runs again."""
-        opened: set[str] = set()
-        while True:
-            try:
-                return write()
-            except UnknownStateError as unknown:
-                if not self._auto_open or unknown.state_id in opened:
-                    raise
-                opened.add(unknown.state_id)
-                allocator.open_state(self._db, unknown.state_id, connection)
 
     def _new_call(
         self, state_id: str, call_type: str, request: Any, call_id: str | None
