@@ -150,6 +150,44 @@ class TestCheck:
             migrations.check(db)
 
 
+class TestTheWritePathChecksTheRevision:
+    """A recorder checks the schema revision before its first write: nothing
+    is written to a schema behind the library (without the guards it relies
+    on) or ahead of it."""
+
+    @pytest.mark.parametrize("revision", ["0001", "0003", "0005"])
+    def test_behind(self, empty_db_url: str, revision: str) -> None:
+        db = Database(empty_db_url)
+        migrations.upgrade(db, revision)
+        with CallRecorder(empty_db_url) as recorder:
+            for write in (
+                lambda: recorder.open_state("s"),
+                lambda: recorder.allocate_call_index("s"),
+                lambda: recorder.record_call("s", "http", "success", {}),
+                lambda: recorder.begin_call("s", "http", {}),
+            ):
+                with pytest.raises(SchemaVersionError, match=rf"at revision {revision}, behind"):
+                    write()
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM call_index_counters")).scalar() == 0
+        db.dispose()
+
+    def test_ahead(self, db_url: str) -> None:
+        db = Database(db_url)
+        with db.engine.begin() as conn:
+            conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0099'"))
+        with CallRecorder(db_url) as recorder, pytest.raises(SchemaVersionError, match="ahead"):
+            recorder.record_call("s", "http", "success", {})
+        db.dispose()
+
+    def test_missing(self, empty_db_url: str) -> None:
+        with (
+            CallRecorder(empty_db_url, auto_open=True) as recorder,
+            pytest.raises(SchemaMissingError, match="callindex db upgrade"),
+        ):
+            recorder.record_call("s", "http", "success", {})
+
+
 def test_installed_package_carries_its_migrations_and_sql() -> None:
     package = Path(callindex.__file__).resolve().parent
     for name in ("migrations", "sql"):
@@ -203,7 +241,7 @@ def test_every_upgrade_and_downgrade_keeps_the_data(empty_db_url: str) -> None:
         migrations.upgrade(db, revision)
         assert snapshot() == before
     for revision in reversed(revisions[:-1]):
-        migrations.downgrade(db, revision)
+        migrations.downgrade(db, revision, force=True)
         assert snapshot() == before
     migrations.upgrade(db)
     with CallRecorder(empty_db_url) as recorder:
@@ -216,7 +254,7 @@ def test_downgrading_away_recorded_calls_needs_force(db_url: str) -> None:
     with CallRecorder(db_url) as recorder:
         recorder.open_state("s1")
         recorder.record_call("s1", "http", "success", {})
-    for revision in ("base", "-2"):
+    for revision in ("base", "-2", "-1", "0001", "0005"):
         with pytest.raises(ConfigurationError, match="holds 1 recorded calls"):
             migrations.downgrade(db, revision)
     assert migrations.current_revision(db) == migrations.head_revision()

@@ -86,7 +86,11 @@ def db_upgrade(ctx: click.Context, revision: str, sql: bool) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
-@click.option("--force", is_flag=True, help="Also when it drops tables holding recorded calls.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also when calls holds recorded calls (a downgrade removes guards, or the tables).",
+)
 @click.pass_context
 def db_downgrade(ctx: click.Context, revision: str, force: bool) -> None:
     """Downgrade the schema to REVISION (`base` removes callindex's tables)."""

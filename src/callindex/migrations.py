@@ -87,15 +87,17 @@ def upgrade(
 def downgrade(db: Database, revision: str, *, force: bool = False) -> None:
     """Take the schema back to ``revision`` (``base`` removes everything).
 
-    A downgrade that could drop recorded calls (to ``base``, or relative:
-    ``-1``) is refused while ``calls`` holds rows, unless ``force``.
+    Every downgrade removes something the trail relies on (a guard, a trigger,
+    a recorded column, the numbering, or the tables), so while ``calls``
+    holds rows it is refused unless ``force``.
     """
-    if not force and (revision == "base" or revision.startswith("-")):
+    if not force:
         recorded = _recorded_calls(db)
         if recorded:
             raise ConfigurationError(
-                f"refusing to downgrade to {revision!r}: it may drop the calls table, which "
-                f"holds {recorded:,} recorded calls (use --force to drop them)"
+                f"refusing to downgrade to {revision!r}: calls holds {recorded:,} recorded "
+                "calls, and a downgrade removes guards, triggers or recorded columns "
+                "(to base: the tables). Use --force to downgrade anyway"
             )
     _run(db, "downgrade", revision)
 
@@ -224,8 +226,8 @@ def check(db: Database) -> SchemaStatus:
             f"{status.head}: run `callindex db upgrade`"
         )
     raise SchemaVersionError(
-        f"{db.display_url} is at revision {status.current}, which this callindex does not "
-        f"know (newer than its {status.head}): upgrade the library "
+        f"{db.display_url} is at revision {status.current}, ahead of the library's "
+        f"{status.head} (a revision this callindex does not know): upgrade the library "
         "(`pip install --upgrade callindex`), or run `callindex db downgrade "
         f"{status.head}` with the newer library installed"
     )

@@ -53,6 +53,7 @@ class CallRecorder:
     ) -> None:
         self._db = Database(url_or_engine, retry=retry, early_release=early_release)
         self._auto_open = auto_open
+        self._schema_checked = False
 
     @property
     def engine(self) -> Engine:
@@ -68,7 +69,7 @@ class CallRecorder:
     def open_state(self, state_id: str, *, connection: Connection | None = None) -> None:
         """Register ``state_id`` so indices can be allocated for it. Idempotent."""
         state_id = allocator.validate_state_id(state_id)
-        allocator.open_state(self._db, state_id, connection)
+        allocator.open_state(self._written(), state_id, connection)
 
     def allocate_call_index(
         self, state_id: str, count: int = 1, *, connection: Connection | None = None
@@ -82,7 +83,9 @@ class CallRecorder:
         """
         state_id = allocator.validate_state_id(state_id)
         count = allocator.validate_count(count)
-        return allocator.allocate(self._db, state_id, count, connection, opening=self._auto_open)
+        return allocator.allocate(
+            self._written(), state_id, count, connection, opening=self._auto_open
+        )
 
     def allocate_call_indices(
         self, counts: Mapping[str, int], *, connection: Connection | None = None
@@ -96,7 +99,9 @@ class CallRecorder:
             allocator.validate_state_id(state_id): allocator.validate_count(count)
             for state_id, count in counts.items()
         }
-        return allocator.allocate_many(self._db, checked, connection, opening=self._auto_open)
+        return allocator.allocate_many(
+            self._written(), checked, connection, opening=self._auto_open
+        )
 
     # Recording
 
@@ -130,7 +135,7 @@ class CallRecorder:
         }
         if call_index is not None:
             parameters["call_index"] = calls.validate_call_index(call_index)
-        return calls.insert(self._db, parameters, opening=self._auto_open)
+        return calls.insert(self._written(), parameters, opening=self._auto_open)
 
     def begin_call(
         self, state_id: str, call_type: CallType, request: Any, call_id: str | None = None
@@ -145,7 +150,7 @@ class CallRecorder:
             **self._new_call(state_id, call_type, request, call_id),
             **_PENDING,
         }
-        return calls.insert(self._db, parameters, opening=self._auto_open)
+        return calls.insert(self._written(), parameters, opening=self._auto_open)
 
     def finish_call(
         self,
@@ -159,7 +164,16 @@ class CallRecorder:
         a different one raises :class:`CallAlreadyFinishedError`."""
         call_id = calls.validate_call_id(call_id)
         outcome = calls.Outcome.of(status, response, error, latency_ms)
-        return calls.finish(self._db, call_id, outcome)
+        return calls.finish(self._written(), call_id, outcome)
+
+    def _written(self) -> Database:
+        """The database, once its schema revision is the library's (checked
+        before this recorder's first write): no write lands on a schema that is
+        behind (without the guards it relies on) or ahead of the library."""
+        if not self._schema_checked:
+            migrations.check(self._db)
+            self._schema_checked = True
+        return self._db
 
     def _new_call(
         self, state_id: str, call_type: str, request: Any, call_id: str | None
@@ -210,11 +224,11 @@ class CallRecorder:
     def sweep(self, older_than_seconds: float, *, state_prefix: str = "") -> list[dict[str, Any]]:
         """Mark pending calls at least this old ``abandoned`` (only those of states
         whose id starts with ``state_prefix``, when given); returns them."""
-        return audit.sweep(self._db, older_than_seconds, state_prefix)
+        return audit.sweep(self._written(), older_than_seconds, state_prefix)
 
     def repair(self) -> list[dict[str, Any]]:
         """Move counters that are behind their calls forward; returns the states moved."""
-        return audit.repair(self._db)
+        return audit.repair(self._written())
 
     def close(self) -> None:
         """Close the pooled connections."""
