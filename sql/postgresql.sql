@@ -706,5 +706,35 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0006' WHERE callindex_alembic_version.version_num = '0005';
 
+-- Running upgrade 0006 -> 0007
+
+ALTER TABLE calls ADD CONSTRAINT ck_calls_call_type_identifier CHECK (call_type ~ '^[a-z0-9_]{1,32}$') NOT VALID;
+
+ALTER TABLE calls ADD CONSTRAINT ck_calls_latency_ms_finite CHECK (latency_ms IS NULL OR (latency_ms >= 0 AND latency_ms < 'Infinity')) NOT VALID;
+
+CREATE OR REPLACE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    -- The database, not the writer, says when a call was made and finished.
+    NEW.created_at := now();
+    NEW.completed_at := CASE WHEN NEW.status = 'pending' THEN NULL ELSE now() END;
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0007' WHERE callindex_alembic_version.version_num = '0006';
+
 COMMIT;
 

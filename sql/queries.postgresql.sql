@@ -172,3 +172,15 @@ FROM calls
 WHERE status = 'pending'
   AND created_at <= now() - make_interval(secs => CAST(:seconds AS double precision))
 ORDER BY created_at;
+
+-- stored_payloads --
+-- verify --hashes: the next :batch calls after :after_call_id (in call_id
+-- order), with their payloads as the text stored and the hashes recorded.
+SELECT call_id, state_id, call_index, hash_scheme,
+       CAST(request AS text) AS request, request_hash,
+       CAST(response AS text) AS response, response_hash,
+       CAST(error AS text) AS error, error_hash
+FROM calls
+WHERE call_id > :after_call_id
+ORDER BY call_id
+LIMIT :batch;

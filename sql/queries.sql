@@ -118,6 +118,8 @@ INSERT INTO call_index_counters (state_id, next_index)
 SELECT state_id, max(call_index) + 1
 FROM calls
 WHERE state_id > :after AND state_id <= :last
+  AND NOT EXISTS (
+      SELECT 1 FROM call_index_counters AS counters WHERE counters.state_id = calls.state_id)
 GROUP BY state_id
 ON CONFLICT (state_id) DO NOTHING;
 
@@ -127,14 +129,3 @@ SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
 -- state_count --
 SELECT count(*) AS states FROM call_index_counters;
 
--- stored_payloads --
--- verify --hashes: the next :batch calls after :after_call_id (in call_id
--- order), with their payloads as the text stored and the hashes recorded.
-SELECT call_id, state_id, call_index, hash_scheme,
-       CAST(request AS text) AS request, request_hash,
-       CAST(response AS text) AS response, response_hash,
-       CAST(error AS text) AS error, error_hash
-FROM calls
-WHERE call_id > :after_call_id
-ORDER BY call_id
-LIMIT :batch;

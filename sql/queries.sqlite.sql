@@ -3,9 +3,12 @@
 
 -- open_state --
 -- Create the counter row of a state (past any calls it already has); a no-op
--- when it exists.
+-- when it exists. The row offered is never behind an existing one, which the
+-- guard against INSERT OR REPLACE would refuse.
 INSERT INTO call_index_counters (state_id, next_index)
-SELECT :state_id, coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = :state_id
+SELECT :state_id, max(coalesce(max(call_index) + 1, 0), coalesce(
+    (SELECT next_index FROM call_index_counters WHERE state_id = :state_id), 0))
+FROM calls WHERE state_id = :state_id
 ON CONFLICT (state_id) DO NOTHING;
 
 -- allocate_call_index --
@@ -20,7 +23,9 @@ RETURNING next_index - :count AS first_index;
 -- allocate_call_index for CallRecorder(auto_open=True): an unknown state is
 -- opened (past any calls it has) and allocated from in the same statement.
 INSERT INTO call_index_counters (state_id, next_index)
-SELECT :state_id, coalesce(max(call_index) + 1, 0) + :count FROM calls WHERE state_id = :state_id
+SELECT :state_id, max(coalesce(max(call_index) + 1, 0) + :count, coalesce(
+    (SELECT next_index + :count FROM call_index_counters WHERE state_id = :state_id), 0))
+FROM calls WHERE state_id = :state_id
 ON CONFLICT (state_id) DO UPDATE SET next_index = next_index + :count
 RETURNING next_index - :count AS first_index;
 
@@ -67,3 +72,17 @@ FROM calls
 WHERE status = 'pending'
   AND created_at <= strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || :seconds || ' seconds')
 ORDER BY created_at;
+
+-- stored_payloads --
+-- verify --hashes: the next :batch calls after :after_call_id (in call_id
+-- order), with their payloads as stored and the hashes recorded. As stored:
+-- a top-level number payload is a REAL or INTEGER (the JSON column's numeric
+-- affinity), which CAST AS text would print with 15 digits only.
+SELECT call_id, state_id, call_index, hash_scheme,
+       request, request_hash,
+       response, response_hash,
+       error, error_hash
+FROM calls
+WHERE call_id > :after_call_id
+ORDER BY call_id
+LIMIT :batch;

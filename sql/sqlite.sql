@@ -107,7 +107,7 @@ BEGIN
            (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, recorded_by, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, NEW.recorded_by, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    INSERT INTO calls ("call_id", "state_id", "call_type", "status", "request", "request_hash", "response", "response_hash", "error", "error_hash", "latency_ms", "created_at", "completed_at", "recorded_by", call_index) VALUES (NEW."call_id", NEW."state_id", NEW."call_type", NEW."status", NEW."request", NEW."request_hash", NEW."response", NEW."response_hash", NEW."error", NEW."error_hash", NEW."latency_ms", NEW."created_at", NEW."completed_at", NEW."recorded_by", (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
     SELECT RAISE(IGNORE);
 END;
 
@@ -120,7 +120,7 @@ BEGIN
            (SELECT coalesce(max(call_index) + 1, 0) FROM calls WHERE state_id = NEW.state_id)
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = next_index + 1 WHERE state_id = NEW.state_id;
-    INSERT INTO calls (call_id, state_id, call_type, status, request, request_hash, response, response_hash, error, error_hash, latency_ms, created_at, completed_at, recorded_by, call_index) VALUES (NEW.call_id, NEW.state_id, NEW.call_type, NEW.status, NEW.request, NEW.request_hash, NEW.response, NEW.response_hash, NEW.error, NEW.error_hash, NEW.latency_ms, NEW.created_at, NEW.completed_at, NEW.recorded_by, (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
+    INSERT INTO calls ("call_id", "state_id", "call_type", "status", "request", "request_hash", "response", "response_hash", "error", "error_hash", "latency_ms", "created_at", "completed_at", "recorded_by", call_index) VALUES (NEW."call_id", NEW."state_id", NEW."call_type", NEW."status", NEW."request", NEW."request_hash", NEW."response", NEW."response_hash", NEW."error", NEW."error_hash", NEW."latency_ms", NEW."created_at", NEW."completed_at", NEW."recorded_by", (SELECT next_index - 1 FROM call_index_counters WHERE state_id = NEW.state_id));
     SELECT RAISE(IGNORE);
 END;
 
@@ -191,6 +191,30 @@ BEGIN
 END;
 
 UPDATE callindex_alembic_version SET version_num='0006' WHERE callindex_alembic_version.version_num = '0005';
+
+-- Running upgrade 0006 -> 0007
+
+CREATE TRIGGER callindex_check_call_insert BEFORE INSERT ON calls
+WHEN (length(NEW.call_type) NOT BETWEEN 1 AND 32 OR NEW.call_type GLOB '*[^a-z0-9_]*') OR NEW.latency_ms < 0 OR NEW.latency_ms > 1.7976931348623157e308
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_type must be 1 to 32 of a-z, 0-9 and _, and latency_ms finite and not negative');
+END;
+
+CREATE TRIGGER callindex_check_call_update BEFORE UPDATE OF call_type, latency_ms ON calls
+WHEN (length(NEW.call_type) NOT BETWEEN 1 AND 32 OR NEW.call_type GLOB '*[^a-z0-9_]*') OR NEW.latency_ms < 0 OR NEW.latency_ms > 1.7976931348623157e308
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_type must be 1 to 32 of a-z, 0-9 and _, and latency_ms finite and not negative');
+END;
+
+CREATE TRIGGER callindex_guard_counters_replace BEFORE INSERT ON call_index_counters
+WHEN NEW.next_index < (SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id)
+  OR NEW.next_index > 1000000 + (
+      SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a counter may only move forward, by at most 1000000 at a time (INSERT OR REPLACE on call_index_counters)');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0007' WHERE callindex_alembic_version.version_num = '0006';
 
 COMMIT;
 

@@ -14,10 +14,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import URL, Engine, create_engine, make_url, text
 
 from callindex import CallRecorder
+from callindex.resources import resource_dir
 
 PG_URL = os.environ.get("CALLINDEX_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -207,3 +209,37 @@ def insert_bypassing_the_counter(url: str, call_id: str, state_id: str, call_ind
         conn.execute(insert, values)
         for sql in triggers.values():
             conn.execute(text(sql))
+
+
+LOGINS = {
+    "callindex_test_app": "callindex_app",
+    "callindex_test_app_other": "callindex_app",
+    "callindex_test_auditor": "callindex_auditor",
+}
+
+
+def as_role(url: str, role: str) -> str:
+    return make_url(url).set(username=role).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def roles(postgresql_url: str, pg_admin: Engine) -> Iterator[str]:
+    """The roles script run by the owner, and a login role for each group."""
+    script = (resource_dir("sql") / "postgresql-roles.sql").read_text(encoding="utf-8")
+    dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(script.encode())  # idempotent: run twice
+        conn.execute(script.encode())
+    with pg_admin.connect() as conn:
+        for login, group in LOGINS.items():
+            conn.execute(text(f"DROP ROLE IF EXISTS {login}"))
+            conn.execute(text(f"CREATE ROLE {login} LOGIN IN ROLE {group}"))
+    with CallRecorder(postgresql_url) as owner:
+        owner.open_state("s")
+    yield postgresql_url
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+    with pg_admin.connect() as conn:
+        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))

@@ -4,50 +4,13 @@ callindex's function; the auditor only reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import psycopg
 import pytest
-from sqlalchemy import Engine, create_engine, exc, make_url, text
+from sqlalchemy import create_engine, exc, text
 
 from callindex import CallRecorder, DatabaseError, ImmutableCallError, migrations
 from callindex.database import Database
-from callindex.resources import resource_dir
 
-from conftest import counter_value
-
-LOGINS = {
-    "callindex_test_app": "callindex_app",
-    "callindex_test_app_other": "callindex_app",
-    "callindex_test_auditor": "callindex_auditor",
-}
-
-
-def as_role(url: str, role: str) -> str:
-    return make_url(url).set(username=role).render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def roles(postgresql_url: str, pg_admin: Engine) -> Iterator[str]:
-    """The roles script run by the owner, and a login role for each group."""
-    script = (resource_dir("sql") / "postgresql-roles.sql").read_text(encoding="utf-8")
-    dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(script.encode())  # idempotent: run twice
-        conn.execute(script.encode())
-    with pg_admin.connect() as conn:
-        for login, group in LOGINS.items():
-            conn.execute(text(f"DROP ROLE IF EXISTS {login}"))
-            conn.execute(text(f"CREATE ROLE {login} LOGIN IN ROLE {group}"))
-    with CallRecorder(postgresql_url) as owner:
-        owner.open_state("s")
-    yield postgresql_url
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
-            conn.execute(f"DROP OWNED BY {role}".encode())
-    with pg_admin.connect() as conn:
-        for role in [*LOGINS, "callindex_app", "callindex_auditor"]:
-            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+from conftest import as_role, counter_value
 
 
 def refused(url: str, role: str, statement: str, because: str = "permission denied") -> None:

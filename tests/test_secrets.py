@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -190,6 +191,21 @@ PLACEMENTS: dict[str, Callable[[Plant], None]] = {
             headers={"content-type": "application/json"},
         ),
     ),
+    "response JSON kept as text, secret object": lambda p: p.get(
+        BASE,
+        lambda r: httpx.Response(
+            200,
+            content=f'{{"x": NaN, "access_token": {{"value": "{p.secret}"}}}}'.encode(),
+            headers={"content-type": "application/json"},
+        ),
+    ),
+    "request JSON kept as text, secret list": lambda p: p.post(
+        BASE, json={"id": 2**60, "api_key": [p.secret]}
+    ),
+    "response header location, unsplittable": lambda p: _unsplittable_location(p),
+    "response header location, scheme-relative userinfo": lambda p: p.get(
+        BASE, lambda r: httpx.Response(302, headers={"Location": f"//user:{p.secret}@h.test/"})
+    ),
     "response header location": lambda p: p.get(
         BASE, lambda r: httpx.Response(302, headers={"Location": f"{BASE}/next?token={p.secret}"})
     ),
@@ -235,6 +251,13 @@ PLACEMENTS: dict[str, Callable[[Plant], None]] = {
     ),
     "retried over the network": lambda p: _network(p),
 }
+
+
+def _unsplittable_location(p: Plant) -> None:
+    """httpx itself refuses the redirect (after the call is recorded)."""
+    location = f"http://[x]/cb?access_token={p.secret}"
+    with pytest.raises(httpx.RemoteProtocolError):
+        p.get(BASE, lambda r: httpx.Response(302, headers={"Location": location}))
 
 
 def _per_request_header(p: Plant) -> None:
@@ -366,6 +389,42 @@ class TestRedactionKeepsWhatIsNotSecret:
         assert headers["link"] == (
             '<https://h.test/p?page=2&sig=[redacted]>; rel="next", </p1>; rel="prev"'
         )
+
+
+def test_a_body_of_escaped_quotes_is_redacted_in_one_pass(trail: CallRecorder) -> None:
+    """256 KiB of \\" (a string that never closes) once took minutes to scan."""
+    state_id = f"quotes-{uuid.uuid4().hex[:8]}"
+    body = b'\\"' * (128 * 1024)
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=body))
+    done = threading.Event()
+
+    def fetch() -> None:
+        with AuditedHTTPClient(trail, state_id, inner=transport, retry=None) as client:
+            client.get(BASE)
+        done.set()
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done.is_set(), "redacting the body did not finish within 60 s"
+    (call,) = trail.calls(state_id)
+    assert call.status == "success" and call.response["body"]["length"] == len(body)
+
+
+class TestHeadersInEveryFormHttpxTakes:
+    @pytest.mark.parametrize(
+        "headers",
+        [[("X-A", "b")], {"X-Api-Key": b"abc"}, httpx.Headers({"X-A": "b"})],
+        ids=["list", "bytes", "Headers"],
+    )
+    def test_are_accepted(self, trail: CallRecorder, headers: Any) -> None:
+        state_id = f"headers-{uuid.uuid4().hex[:8]}"
+        transport = httpx.MockTransport(lambda r: httpx.Response(200))
+        with AuditedHTTPClient(
+            trail, state_id, headers=headers, inner=transport, retry=None
+        ) as client:
+            assert client.get(BASE).status_code == 200
+        assert len(trail.calls(state_id)) == 1
 
 
 class TestKeysThatHTTPCannotCarryAreRefused:

@@ -275,10 +275,16 @@ _SQLITE_OPEN_COUNTER = """
     WHERE NOT EXISTS (SELECT 1 FROM call_index_counters WHERE state_id = NEW.state_id);"""
 
 
+def _quoted(name: str) -> str:
+    """An SQLite identifier, quoted (adopted tables may name columns ``order``,
+    ``Group`` or ``user agent``)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def sqlite_triggers(columns: tuple[str, ...]) -> list[str]:
     """SQLite cannot change NEW, so a call to renumber is inserted again by the
     trigger, with its index, and the original insert is dropped (RAISE(IGNORE))."""
-    others = [c for c in columns if c != "call_index"]
+    others = [_quoted(c) for c in columns if c != "call_index"]
     listed = ", ".join([*others, "call_index"])
     values = ", ".join(
         [f"NEW.{c}" for c in others]

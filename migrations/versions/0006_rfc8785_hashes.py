@@ -80,6 +80,41 @@ END;
 $$
 """
 
+# 0002's guard function, for the downgrade.
+PG_GUARD_CALLS_2 = """
+CREATE OR REPLACE FUNCTION callindex_guard_calls() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        RAISE EXCEPTION 'callindex: % cannot be truncated: the audit trail is append-only',
+            TG_TABLE_NAME USING ERRCODE = 'CX001';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'callindex: call % cannot be deleted: the audit trail is append-only',
+            OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    IF OLD.status <> 'pending' THEN
+        RAISE EXCEPTION 'callindex: call % is %, and a finished call cannot be changed',
+            OLD.call_id, OLD.status USING ERRCODE = 'CX001';
+    END IF;
+    IF NEW.status = 'pending'
+       OR NEW.completed_at IS NULL
+       OR NEW.call_id IS DISTINCT FROM OLD.call_id
+       OR NEW.state_id IS DISTINCT FROM OLD.state_id
+       OR NEW.call_index IS DISTINCT FROM OLD.call_index
+       OR NEW.call_type IS DISTINCT FROM OLD.call_type
+       OR NEW.request IS DISTINCT FROM OLD.request
+       OR NEW.request_hash IS DISTINCT FROM OLD.request_hash
+       OR NEW.created_at IS DISTINCT FROM OLD.created_at THEN
+        RAISE EXCEPTION 'callindex: pending call % may only be finished or abandoned, '
+            'with its completed_at', OLD.call_id USING ERRCODE = 'CX001';
+    END IF;
+    RETURN NEW;
+END;
+$$
+"""
+
 PG_GUARD_CALLS_UPDATE = (
     "CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls FOR EACH ROW "
     "WHEN (OLD.status <> 'pending' OR NEW.status = 'pending' OR NEW.completed_at IS NULL "
@@ -131,6 +166,24 @@ WHEN OLD.status <> 'pending'
      OR NEW.request IS NOT OLD.request
      OR NEW.request_hash IS NOT OLD.request_hash
      OR NEW.hash_scheme IS NOT OLD.hash_scheme
+     OR NEW.created_at IS NOT OLD.created_at
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: a call may change only from pending to finished');
+END
+"""
+
+# 0002's update guard, for the downgrade.
+SQLITE_GUARD_CALLS_UPDATE_2 = """
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
+WHEN OLD.status <> 'pending'
+     OR NEW.status = 'pending'
+     OR NEW.completed_at IS NULL
+     OR NEW.call_id IS NOT OLD.call_id
+     OR NEW.state_id IS NOT OLD.state_id
+     OR NEW.call_index IS NOT OLD.call_index
+     OR NEW.call_type IS NOT OLD.call_type
+     OR NEW.request IS NOT OLD.request
+     OR NEW.request_hash IS NOT OLD.request_hash
      OR NEW.created_at IS NOT OLD.created_at
 BEGIN
     SELECT RAISE(ABORT, 'callindex: a call may change only from pending to finished');
@@ -351,8 +404,7 @@ def downgrade() -> None:
         numbering = _sqlite_drop_numbering()
         op.execute("DROP TRIGGER callindex_guard_calls_update")
         op.execute("ALTER TABLE calls DROP COLUMN hash_scheme")
-        guard = _revision("0002").SQLITE  # type: ignore[attr-defined]
-        op.execute(next(s for s in guard if "callindex_guard_calls_update" in s))
+        op.execute(SQLITE_GUARD_CALLS_UPDATE_2)
         if numbering:
             _sqlite_create_numbering()
         return
@@ -368,7 +420,5 @@ def downgrade() -> None:
         + ", ".join(f"ALTER COLUMN {name} TYPE jsonb USING {name}::jsonb" for name in PAYLOADS)
     )
     op.execute("ALTER TABLE calls DROP COLUMN hash_scheme")
-    # 0002's guard function (CREATE OR REPLACE of its CREATE), 0005's trigger.
-    guard = _revision("0002").POSTGRESQL[0]  # type: ignore[attr-defined]
-    op.execute(guard.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
+    op.execute(PG_GUARD_CALLS_2)
     op.execute(_revision("0005").PG_GUARD_CALLS_UPDATE)  # type: ignore[attr-defined]

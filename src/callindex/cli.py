@@ -268,14 +268,19 @@ def _print_report(report: audit.Report) -> None:
     ]
     if report.hashes_checked is not None:
         schemes = ", ".join(f"{n} {s}" for s, n in sorted(report.hashes_checked.items()))
-        checks.insert(
-            2,
+        checks[2:2] = [
             (
                 f"payload hashes that differ ({schemes or 'none'} checked)",
                 report.hash_mismatches,
                 True,
             ),
-        )
+            (
+                "hashes of rows recorded before 0.2 that differ "
+                "(jsonb may have rewritten their numbers)",
+                report.legacy_hash_mismatches,
+                False,
+            ),
+        ]
     for label, found, violation in checks:
         mark = (
             "[red]FAIL[/]"

@@ -41,6 +41,9 @@ class Payload:
     sha256: str
 
 
+JSON_NULL: Final = Payload(text="null", sha256=hashlib.sha256(b"null").hexdigest())
+
+
 def canonical_json(value: Any) -> str:
     """The RFC 8785 text of ``value``; :class:`InvalidPayloadError` for what
     JCS cannot represent (NaN, infinities, integers beyond ±(2**53 - 1),
@@ -80,12 +83,20 @@ def _json_integer(digits: str) -> int | float:
     return number if abs(number) <= SAFE_INTEGER else float(digits)
 
 
-def recompute(scheme: str, text: str) -> str:
-    """The hash of a stored payload's text, by the scheme its row was recorded with."""
+def recompute(scheme: str, stored: str | int | float) -> str:
+    """The hash of a stored payload, by the scheme its row was recorded with.
+
+    ``rfc8785``: SHA-256 of the text exactly as stored (it was stored in its
+    canonical form, so any edit, even of spacing or number spelling, shows);
+    a top-level number SQLite stored as a number is canonicalised first.
+    ``sorted-json`` (before 0.2): SHA-256 of the stored JSON parsed and
+    written again with sorted keys.
+    """
     if scheme == SCHEME:
-        canonical = rfc8785.dumps(parse_stored(text))
+        canonical = stored.encode("utf-8") if isinstance(stored, str) else rfc8785.dumps(stored)
     elif scheme == LEGACY_SCHEME:
-        canonical = legacy_json(json.loads(text)).encode("utf-8")
+        value = json.loads(stored) if isinstance(stored, str) else stored
+        canonical = legacy_json(value).encode("utf-8")
     else:
         raise InvalidPayloadError(f"unknown hash scheme {scheme!r}; known: {HASH_SCHEMES}")
     return hashlib.sha256(canonical).hexdigest()
@@ -117,6 +128,13 @@ def prepare(name: str, value: Any) -> Payload | None:
             f"{name} is {len(encoded):,} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES:,}"
         )
     return Payload(text=text, sha256=hashlib.sha256(encoded).hexdigest())
+
+
+def prepare_request(value: Any) -> Payload:
+    """:func:`prepare` for a request, which always has a payload: ``None`` is
+    recorded as JSON ``null``, with its hash (so ``request_hash`` is never
+    empty, as schemes that declare it NOT NULL require)."""
+    return prepare("request", value) or JSON_NULL
 
 
 def _check_depth(name: str, value: Any, depth: int) -> None:

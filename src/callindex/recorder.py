@@ -182,7 +182,7 @@ class CallRecorder:
             call_id=calls.validate_call_id(call_id if call_id is not None else calls.new_call_id()),
             state_id=allocator.validate_state_id(state_id),
             call_type=calls.validate_call_type(call_type),
-            request=payloads.prepare("request", request),
+            request=payloads.prepare_request(request),
         )
 
     # Reading and mending

@@ -73,13 +73,13 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 # name=value pairs of a query, a fragment or a path segment's ;parameters,
 # whichever of & and ; separates them.
 _PAIR: Final = re.compile(r"(?P<lead>^|[&;])(?P<name>[^=&;]*)=(?P<value>[^&;]*)")
-_USERINFO: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
+_USERINFO: Final = re.compile(r"(?P<scheme>(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)(?P<userinfo>[^/?#]*)@")
+_QUERY_OR_FRAGMENT: Final = re.compile(r"([?#])")
 _URL_IN_LINK: Final = re.compile(r"<([^>]*)>")
 _URL_IN_REFRESH: Final = re.compile(r"(?i)(url\s*=\s*)(\S+)")
-_JSON_STRING: Final = r'"(?:[^"\\]|\\.)*"'
-_JSON_MEMBER: Final = re.compile(
-    rf"(?P<name>{_JSON_STRING})(?P<colon>\s*:\s*)(?P<value>{_JSON_STRING}|-?[0-9][0-9.eE+-]*)"
-)
+# The rest of a JSON string after its opening quote (possessive: one pass).
+_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.)*+"', re.DOTALL)
+_SCALAR: Final = re.compile(r"[^,}\]\s]*")
 _AUTH_SCHEME: Final = re.compile(r"(?i)^\s*(?P<scheme>bearer|basic|token|digest)\s+(?P<rest>.+)$")
 
 
@@ -181,13 +181,24 @@ class Redactor:
             url = found["scheme"] + url[found.end() :]
         try:
             parts = urlsplit(url)
-        except ValueError:  # not a URL after all (an invalid IPv6 host)
-            return self.text(url)
+        except ValueError:  # not a URL Python can split (an invalid IPv6 host)
+            head, *rest = _QUERY_OR_FRAGMENT.split(url)
+            return self._unsplittable(userinfo, head, rest)
         netloc = userinfo + parts.netloc
         path = self._path(parts.path)
         return urlunsplit(
             (parts.scheme, netloc, path, self.pairs(parts.query), self.pairs(parts.fragment))
         )
+
+    def _unsplittable(self, userinfo: str, head: str, rest: list[str]) -> str:
+        """A URL urlsplit refuses: its query and fragment parameters redacted all
+        the same, after its scheme and the userinfo's fingerprint."""
+        scheme, slashes, location = head.partition("//")
+        head = f"{scheme}{slashes}{userinfo}{location}" if slashes else userinfo + head
+        parts = [head]
+        for separator, piece in zip(rest[::2], rest[1::2], strict=True):
+            parts += [separator, self.pairs(piece)]
+        return self.text("".join(parts))
 
     def pairs(self, text: str) -> str:
         """``name=value`` pairs (a query string or a form body, separated by
@@ -224,17 +235,12 @@ class Redactor:
         members of any JSON in it, secret ``name=value`` pairs when ``form``, and
         ``secrets`` in all their derived forms, replaced."""
 
-        def member(match: re.Match[str]) -> str:
-            try:
-                name = json.loads(match["name"])
-            except ValueError:
-                return match[0]
-            if not self.is_sensitive(name):
-                return match[0]
-            secret = self.fingerprint(match["value"].strip('"'))
-            return f'{match["name"]}{match["colon"]}"{secret}"'
-
-        text = _JSON_MEMBER.sub(member, text)
+        pieces, done = [], 0
+        for start, end in _secret_members(text, self.is_sensitive):
+            secret = self.fingerprint(text[start:end].strip('"'))
+            pieces += [text[done:start], f'"{secret}"']
+            done = end
+        text = "".join([*pieces, text[done:]])
         if form:
             text = self.pairs(text)
         return self.scrub(text, secrets)
@@ -371,6 +377,72 @@ def redact_library_logs(redactor: Redactor, libraries: Iterable[str] = ("httpx",
         if not existing:
             logger.addFilter(log_filter)
         log_filter.redactors.add(redactor)
+
+
+def _secret_members(text: str, sensitive: Any) -> list[tuple[int, int]]:
+    """The spans of the values of ``"name": value`` members with a secret name
+    in JSON-like text (whole objects and arrays included), found in one pass:
+    text a client cannot parse (JSON kept as text, cut bodies) costs no more
+    than its length."""
+    spans: list[tuple[int, int]] = []
+    at = 0
+    while (start := text.find('"', at)) >= 0:
+        end = _string_end(text, start)
+        if end < 0:
+            break  # an unclosed string: no complete member after it
+        colon = _after_space(text, end)
+        at = end
+        if colon < len(text) and text[colon] == ":":
+            try:
+                name = json.loads(text[start:end])
+            except ValueError:
+                continue
+            value = _after_space(text, colon + 1)
+            if isinstance(name, str) and sensitive(name):
+                at = _value_end(text, value)
+                spans.append((value, at))
+    return spans
+
+
+def _after_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+def _string_end(text: str, quote: int) -> int:
+    """The index after the JSON string opened at ``quote``; -1 when unclosed."""
+    rest = _STRING_REST.match(text, quote + 1)
+    return rest.end() if rest else -1
+
+
+def _value_end(text: str, start: int) -> int:
+    """The index after the JSON value at ``start``: a string, an object or an
+    array (nesting and strings in it followed), or a scalar."""
+    if start >= len(text):
+        return start
+    if text[start] == '"':
+        end = _string_end(text, start)
+        return len(text) if end < 0 else end
+    if text[start] not in "{[":
+        scalar = _SCALAR.match(text, start)
+        return scalar.end() if scalar else start
+    depth, at = 0, start
+    while at < len(text):
+        char = text[at]
+        if char == '"':
+            at = _string_end(text, at)
+            if at < 0:
+                return len(text)
+            continue
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return at + 1
+        at += 1
+    return len(text)
 
 
 def _as_text(value: Any) -> str:

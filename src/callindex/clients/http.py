@@ -73,7 +73,7 @@ class _Audited:
         state_id: str,
         *,
         base_url: str | httpx.URL = "",
-        headers: dict[str, str] | None = None,
+        headers: httpx._types.HeaderTypes | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = DEFAULT_HTTP_RETRY,
         redactor: Redactor | None = None,
@@ -81,7 +81,7 @@ class _Audited:
         call_type: CallType = "http",
         annotator: Annotator | None = None,
     ) -> None:
-        check_header_values((headers or {}).items())
+        check_header_values(httpx.Headers(headers).multi_items())
         self.retry_policy = retry or NO_HTTP_RETRY
         self.audited_transport = transport = AuditedTransport(
             recorder, state_id, inner, call_type=call_type, redactor=redactor, annotator=annotator
