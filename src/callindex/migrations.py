@@ -7,6 +7,7 @@ own alembic history. No ``alembic.ini`` is needed anywhere.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -51,7 +52,9 @@ def alembic_config(
     return config
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision the library ships (read once per process)."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "callindex ships at least one migration"
     return head
@@ -218,9 +221,7 @@ def check(db: Database) -> SchemaStatus:
         raise SchemaMissingError(
             f"{db.display_url} has no callindex schema: run `callindex db upgrade`"
         )
-    scripts = ScriptDirectory.from_config(alembic_config())
-    known = {script.revision for script in scripts.walk_revisions()}
-    if status.current in known:
+    if status.current in _known_revisions():
         raise SchemaVersionError(
             f"{db.display_url} is at revision {status.current}, behind the library's "
             f"{status.head}: run `callindex db upgrade`"
@@ -231,6 +232,12 @@ def check(db: Database) -> SchemaStatus:
         "(`pip install --upgrade callindex`), or run `callindex db downgrade "
         f"{status.head}` with the newer library installed"
     )
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return frozenset(script.revision for script in scripts.walk_revisions())
 
 
 def set_legacy_writers(db: Database, on: bool) -> None:
