@@ -48,6 +48,13 @@ def build(url: str, calls: int) -> float:
         legacy_metadata.create_all(conn)
         conn.execute(
             text(
+                "INSERT INTO node_states (state_id) "
+                "SELECT 'state-' || s FROM generate_series(0, (:calls - 1) / :per) AS s"
+            ),
+            {"per": PER_STATE, "calls": calls},
+        )
+        conn.execute(
+            text(
                 "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
                 "request_hash, request_ref, latency_ms, created_at) "
                 "SELECT 'legacy-' || g, 'state-' || (g / :per), g % :per, 'http', 'success', "

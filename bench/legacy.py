@@ -17,6 +17,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -29,16 +30,23 @@ from sqlalchemy import (
 )
 
 legacy_metadata = MetaData()
+# The parents, reduced to their keys (upstream they carry much more).
+node_states = Table(
+    "node_states", legacy_metadata, Column("state_id", String(64), primary_key=True)
+)
+operations = Table(
+    "operations", legacy_metadata, Column("operation_id", String(64), primary_key=True)
+)
 legacy_calls = Table(
     "calls",
     legacy_metadata,
     Column("call_id", String(64), primary_key=True),
-    Column("state_id", String(64), nullable=True),
-    Column("operation_id", String(64), nullable=True),
+    Column("state_id", String(64), ForeignKey("node_states.state_id"), nullable=True),
+    Column("operation_id", String(64), ForeignKey("operations.operation_id"), nullable=True),
     Column("call_index", Integer, nullable=False),
     Column("call_type", String(32), nullable=False),
     Column("status", String(32), nullable=False),
-    Column("request_hash", String(64), nullable=True),
+    Column("request_hash", String(64), nullable=False),
     Column("request_ref", String(256), nullable=True),
     Column("response_hash", String(64), nullable=True),
     Column("response_ref", String(256), nullable=True),
@@ -79,6 +87,10 @@ def create_legacy_database(url: str, states: int, calls_per_state: int) -> None:
     with engine.begin() as conn:
         legacy_metadata.create_all(conn)
         now = datetime.now(UTC)
+        states_rows = [{"state_id": f"state-{s}"} for s in range(states)]
+        if states_rows:
+            conn.execute(node_states.insert(), states_rows)
+        conn.execute(operations.insert(), [{"operation_id": "operation-1"}])
         rows = [
             legacy_row(f"legacy-{s}-{i}", f"state-{s}", i, now)
             for s in range(states)
@@ -89,10 +101,11 @@ def create_legacy_database(url: str, states: int, calls_per_state: int) -> None:
         conn.execute(
             text(
                 "INSERT INTO calls (call_id, operation_id, call_index, call_type, status, "
-                "created_at) VALUES ('op-0', 'operation-1', 0, 'http', 'success', :at), "
-                "('op-1', 'operation-1', 1, 'http', 'success', :at)"
+                "request_hash, created_at) VALUES "
+                "('op-0', 'operation-1', 0, 'http', 'success', :hash, :at), "
+                "('op-1', 'operation-1', 1, 'http', 'success', :hash, :at)"
             ),
-            {"at": now},
+            {"at": now, "hash": "1" * 64},
         )
     engine.dispose()
 
@@ -132,7 +145,15 @@ class LegacyWriter:
         """Insert one call; its call_id and the seconds the insert took, or
         ``None`` when the database refused it (the call is lost)."""
         if state_id not in self.next_index:
-            with self.engine.connect() as conn:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO node_states (state_id) SELECT CAST(:s AS VARCHAR(64)) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM node_states "
+                        "WHERE state_id = CAST(:s AS VARCHAR(64)))"
+                    ),
+                    {"s": state_id},
+                )
                 seeded = conn.execute(
                     text("SELECT max(call_index) FROM calls WHERE state_id = :s"),
                     {"s": state_id},

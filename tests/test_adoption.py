@@ -3,6 +3,7 @@ per state is backfilled past its calls, and writers keep writing meanwhile."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, text
 
-from callindex import AdoptionError, CallRecorder, adoption, migrations, numbering
+from callindex import AdoptionError, CallRecorder, DatabaseError, adoption, migrations, numbering
 from callindex.cli import cli
 from callindex.database import Database
 
@@ -53,6 +54,38 @@ class TestAdoptingALegacyDatabase:
             begun = recorder.begin_call("state-1", "llm", {"q": 2})
             recorder.finish_call(begun.call_id, "success", {"a": 2})
         assert (call.call_index, begun.call_index) == (PER_STATE, PER_STATE)
+
+    def test_the_upstream_schema_is_adopted_untouched(self, legacy_url: str) -> None:
+        """request_hash NOT NULL, state_id and operation_id with foreign keys to
+        their parents, one-parent CHECK, partial unique indexes: as upstream
+        declares them (bench/legacy.py)."""
+        engine = create_engine(legacy_url)
+        before = {
+            "foreign_keys": inspect(engine).get_foreign_keys("calls"),
+            "checks": inspect(engine).get_check_constraints("calls"),
+            "request_hash": next(
+                c for c in inspect(engine).get_columns("calls") if c["name"] == "request_hash"
+            )["nullable"],
+        }
+        engine.dispose()
+        assert before["request_hash"] is False
+        assert {k["referred_table"] for k in before["foreign_keys"]} == {
+            "node_states", "operations"
+        }  # fmt: skip
+        adoption.adopt(Database(legacy_url))
+        with CallRecorder(legacy_url) as recorder:
+            empty = recorder.record_call("state-2", "http", "success", None)
+            assert empty.request_hash == hashlib.sha256(b"null").hexdigest()
+            recorder.open_state("not-a-node-state")
+            with pytest.raises(DatabaseError, match=r"(?i)foreign key"):
+                recorder.record_call("not-a-node-state", "http", "success", {})
+            assert recorder.verify(hashes=True).ok
+        engine = create_engine(legacy_url)
+        after_keys = inspect(engine).get_foreign_keys("calls")
+        after_checks = inspect(engine).get_check_constraints("calls")
+        engine.dispose()
+        assert all(key in after_keys for key in before["foreign_keys"])
+        assert all(check in after_checks for check in before["checks"])
 
     def test_adopting_again_changes_nothing(self, legacy_url: str) -> None:
         adoption.adopt(Database(legacy_url))
@@ -191,7 +224,7 @@ class TestWhatCannotBeAdopted:
             conn.execute(text("DROP INDEX ix_calls_state_call_index_unique"))
         with pytest.raises(AdoptionError, match=r"no unique index on \(state_id, call_index\)"):
             adoption.adopt(Database(legacy_url))
-        self.assert_nothing_written(legacy_url, {"calls"})
+        self.assert_nothing_written(legacy_url, {"calls", "node_states", "operations"})
 
     def test_a_not_null_column_callindex_would_leave_empty(self, empty_db_url: str) -> None:
         engine = create_engine(empty_db_url)
@@ -201,13 +234,14 @@ class TestWhatCannotBeAdopted:
                     "CREATE TABLE calls (call_id VARCHAR(64) PRIMARY KEY, state_id VARCHAR(64), "
                     "call_index INTEGER NOT NULL, call_type VARCHAR(32) NOT NULL, "
                     "status VARCHAR(32) NOT NULL, request_hash VARCHAR(64) NOT NULL, "
+                    "tenant VARCHAR(64) NOT NULL, "
                     "created_at TIMESTAMP NOT NULL, UNIQUE (state_id, call_index))"
                 )
             )
         engine.dispose()
-        with pytest.raises(
-            AdoptionError, match=r"calls\.request_hash is NOT NULL without a default"
-        ):
+        # request_hash is always written (a request without a payload has the
+        # hash of its canonical null); tenant is not.
+        with pytest.raises(AdoptionError, match=r"calls\.tenant is NOT NULL without a default"):
             adoption.adopt(Database(empty_db_url))
         self.assert_nothing_written(empty_db_url, {"calls"})
 

@@ -43,9 +43,10 @@ from callindex.errors import AdoptionError, InvalidInputError
 
 DEFAULT_BATCH_STATES: Final = 1_000
 DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
-# The columns callindex always fills when it records a call.
+# The columns callindex always fills when it records a call (a request
+# without a payload still has the hash of its canonical null).
 _ALWAYS_WRITTEN: Final = frozenset(
-    {"call_id", "state_id", "call_index", "call_type", "status", "created_at"}
+    {"call_id", "state_id", "call_index", "call_type", "status", "created_at", "request_hash"}
 )
 _PENDING_INDEX: Final = "ix_calls_pending_created_at"
 _CHECKS_WHAT_CALLINDEX_WRITES: Final = re.compile(
