@@ -142,7 +142,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         process.start()
     time.sleep(args.settle)
     adoption_started = time.monotonic()
-    adopted = adoption.adopt(Database(url), batch_states=args.batch_states)
+    # The writers keep writing: a rolling deploy, so legacy-writers mode.
+    adopted = adoption.adopt(Database(url), batch_states=args.batch_states, legacy_writers=True)
     adoption_finished = time.monotonic()
     time.sleep(args.settle)
     stop.set()

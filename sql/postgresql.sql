@@ -517,7 +517,7 @@ UPDATE callindex_alembic_version SET version_num='0005' WHERE callindex_alembic_
 
 -- Running upgrade 0005 -> 0006
 
-CREATE INDEX ix_calls_request_hash ON calls (request_hash);
+CREATE INDEX IF NOT EXISTS ix_calls_request_hash ON calls (request_hash);
 
 ALTER TABLE calls ADD COLUMN hash_scheme TEXT NOT NULL DEFAULT 'sorted-json' CONSTRAINT ck_calls_hash_scheme_known CHECK (hash_scheme IN ('sorted-json', 'rfc8785'));
 

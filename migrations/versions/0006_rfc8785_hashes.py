@@ -5,7 +5,9 @@ is stored must hash to what is recorded. PostgreSQL's ``jsonb`` rewrites
 numbers (``1e300`` comes back as a 301-digit integer, ``-0.0`` as ``0``), so
 on PostgreSQL the payload columns become ``json``, which keeps the text as it
 was written. Changing their type rewrites ``calls`` once, under an exclusive
-lock: on a large table, run this upgrade in a quiet window.
+lock: on a large table holding payloads, run this upgrade in a quiet window.
+Columns that hold none (a legacy table adopted in the same upgrade) are
+replaced instead, which rewrites nothing.
 
 ``hash_scheme`` says how a row's hashes were made: ``sorted-json`` (rows
 recorded before this revision, and by workers of an earlier callindex during
@@ -344,6 +346,17 @@ def _revision(revision_id: str) -> object:
     return scripts.get_revision(revision_id).module  # type: ignore[union-attr]
 
 
+def _payloads_stored() -> bool:
+    """Whether any call holds a payload (offline: assume so)."""
+    if op.get_context().as_sql:
+        return True
+    stored = op.get_bind().exec_driver_sql(
+        "SELECT 1 FROM calls WHERE request IS NOT NULL OR response IS NOT NULL "
+        "OR error IS NOT NULL LIMIT 1"
+    )
+    return stored.first() is not None
+
+
 def _sqlite_numbering_installed() -> bool:
     if op.get_context().as_sql:
         return False
@@ -372,7 +385,7 @@ def _sqlite_create_numbering() -> None:
 
 
 def upgrade() -> None:
-    op.create_index("ix_calls_request_hash", "calls", ["request_hash"])
+    op.create_index("ix_calls_request_hash", "calls", ["request_hash"], if_not_exists=True)
     if not _postgresql():
         numbering = _sqlite_drop_numbering()
         op.execute(ADD_HASH_SCHEME)
@@ -383,10 +396,18 @@ def upgrade() -> None:
         return
     op.execute(ADD_HASH_SCHEME)
     op.execute("DROP TRIGGER callindex_guard_calls_update ON calls")
-    op.execute(
-        "ALTER TABLE calls "
-        + ", ".join(f"ALTER COLUMN {name} TYPE json USING {name}::json" for name in PAYLOADS)
-    )
+    if _payloads_stored():
+        op.execute(
+            "ALTER TABLE calls "
+            + ", ".join(f"ALTER COLUMN {name} TYPE json USING {name}::json" for name in PAYLOADS)
+        )
+    else:
+        # Columns with nothing in them (a table adopted in this same upgrade):
+        # replaced, which rewrites nothing, instead of converted.
+        op.execute(
+            "ALTER TABLE calls "
+            + ", ".join(f"DROP COLUMN {name}, ADD COLUMN {name} json" for name in PAYLOADS)
+        )
     op.execute(PG_GUARD_CALLS)
     op.execute(PG_GUARD_CALLS_UPDATE)
     op.execute(f"DROP PROCEDURE {RECORD_RELEASED_SIGNATURE.format(json='jsonb')}")

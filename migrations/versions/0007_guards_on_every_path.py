@@ -82,8 +82,7 @@ $$
 """
 
 _BAD_CALL_MESSAGE = (
-    "callindex: call_type must be 1 to 32 of a-z, 0-9 and _, "
-    "and latency_ms finite and not negative"
+    "callindex: call_type must be 1 to 32 of a-z, 0-9 and _, and latency_ms finite and not negative"
 )
 _REWIND_MESSAGE = (
     f"callindex: a counter may only move forward, by at most {MAX_STEP} at a time "

@@ -9,8 +9,8 @@ writing:
    column callindex would leave empty, no CHECK that could refuse its values;
    anything else is refused with :class:`AdoptionError` before a single
    statement is written;
-2. on PostgreSQL, build the pending-calls index ``CONCURRENTLY`` (no lock on
-   writers);
+2. on PostgreSQL, build the indexes of pending calls and of request hashes
+   ``CONCURRENTLY`` (no lock on writers);
 3. run the migrations (0001 adopts the table: only missing columns are
    added, nullable, so nothing is rewritten), under a short ``lock_timeout``
    so the brief exclusive lock never queues behind a long transaction; with
@@ -48,7 +48,11 @@ DEFAULT_LOCK_TIMEOUT_SECONDS: Final = 2.0
 _ALWAYS_WRITTEN: Final = frozenset(
     {"call_id", "state_id", "call_index", "call_type", "status", "created_at", "request_hash"}
 )
-_PENDING_INDEX: Final = "ix_calls_pending_created_at"
+_INDEXES: Final = (
+    ("ix_calls_pending_created_at", {"status", "created_at"},
+     "calls (created_at) WHERE status = 'pending'"),
+    ("ix_calls_request_hash", {"request_hash"}, "calls (request_hash)"),
+)  # fmt: skip
 _CHECKS_WHAT_CALLINDEX_WRITES: Final = re.compile(
     r"\b(status|call_type|call_index)\b", re.IGNORECASE
 )
@@ -169,7 +173,7 @@ def adopt(
     if migrations.current_revision(db) is None:
         check(db)
     started = time.monotonic()
-    _build_pending_index(db)
+    _build_indexes(db)
     indexed = time.monotonic()
     migrations.upgrade(db, lock_timeout_seconds=lock_timeout_seconds)
     migrations.set_legacy_writers(db, legacy_writers)
@@ -191,34 +195,32 @@ def adopt(
     )
 
 
-def _build_pending_index(db: Database) -> None:
-    """PostgreSQL: the partial index of pending calls, built without blocking
-    writers (0002 then finds it). A build interrupted earlier leaves an invalid
-    index behind; it is dropped and built again."""
+def _build_indexes(db: Database) -> None:
+    """PostgreSQL: the indexes the migrations would build under their
+    exclusive lock (the pending calls of 0002, the request hashes of 0006),
+    built first without blocking writers; the migrations then find them. A
+    build interrupted earlier leaves an invalid index behind; it is dropped and
+    built again."""
     if db.name != "postgresql":
         return
     with db.translated_errors(), db.engine.connect() as conn:
         auto = conn.execution_options(isolation_level="AUTOCOMMIT")
         columns = {column["name"] for column in inspect(auto).get_columns("calls")}
-        if not {"status", "created_at"} <= columns:
-            return  # they come with the schema step, and 0002 builds the index then
-        valid = auto.execute(
-            text(
-                "SELECT index.indisvalid FROM pg_index AS index "
-                "JOIN pg_class AS class ON class.oid = index.indexrelid "
-                "WHERE class.relname = :name "
-                "AND class.relnamespace = current_schema()::regnamespace"
-            ),
-            {"name": _PENDING_INDEX},
-        ).scalar()
-        if valid is False:
-            auto.execute(text(f"DROP INDEX CONCURRENTLY {_PENDING_INDEX}"))
-        auto.execute(
-            text(
-                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_PENDING_INDEX} "
-                "ON calls (created_at) WHERE status = 'pending'"
-            )
-        )
+        for name, needs, definition in _INDEXES:
+            if not needs <= columns:
+                continue  # they come with the schema step, which builds the index then
+            valid = auto.execute(
+                text(
+                    "SELECT index.indisvalid FROM pg_index AS index "
+                    "JOIN pg_class AS class ON class.oid = index.indexrelid "
+                    "WHERE class.relname = :name "
+                    "AND class.relnamespace = current_schema()::regnamespace"
+                ),
+                {"name": name},
+            ).scalar()
+            if valid is False:
+                auto.execute(text(f"DROP INDEX CONCURRENTLY {name}"))
+            auto.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {definition}"))
 
 
 def backfill_counters(
