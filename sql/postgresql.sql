@@ -734,7 +734,184 @@ BEGIN
 END;
 $$;
 
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$;
+
 UPDATE callindex_alembic_version SET version_num='0007' WHERE callindex_alembic_version.version_num = '0006';
+
+-- Running upgrade 0007 -> 0008
+
+CREATE OR REPLACE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward, by at most 1000000 at '
+        'a time, and is never deleted (% on call_index_counters)', TG_OP
+        USING ERRCODE = 'CX002';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_guard_new_counter() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a new counter starts at most 1000000 (state %, next %)',
+        NEW.state_id, NEW.next_index USING ERRCODE = 'CX002';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    -- The database, not the writer, says when a call was made and finished.
+    NEW.created_at := now();
+    NEW.completed_at := CASE WHEN NEW.status = 'pending' THEN NULL ELSE now() END;
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_number_call() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    NEW.recorded_by := session_user;  -- whatever the insert said
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;  -- an adopted table may hold calls of no state; not numbered here
+    END IF;
+    IF NEW.call_index IS NULL THEN
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = NEW.state_id
+        RETURNING next_index - 1 INTO NEW.call_index;
+        IF FOUND THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    -- Take the counter until this insert commits: every writer of the state
+    -- queues here, so the checks below see every call committed before. It is
+    -- written, not only locked, so that a REPEATABLE READ or SERIALIZABLE
+    -- writer whose snapshot misses the state's last insert gets a
+    -- serialization failure (to retry) instead of a unique violation.
+    UPDATE call_index_counters SET next_index = next_index
+    WHERE state_id = NEW.state_id
+    RETURNING next_index INTO next;
+    IF NOT FOUND THEN
+        INSERT INTO call_index_counters (state_id, next_index)
+        SELECT NEW.state_id, coalesce(max(call_index) + 1, 0)
+        FROM calls WHERE state_id = NEW.state_id
+        ON CONFLICT (state_id) DO NOTHING;
+        UPDATE call_index_counters SET next_index = next_index
+        WHERE state_id = NEW.state_id
+        RETURNING next_index INTO next;
+    END IF;
+    IF NEW.call_index > next + 1000000 THEN
+        RAISE EXCEPTION 'callindex: call_index % is more than 1000000 ahead of the '
+            'counter of state % (%)', NEW.call_index, NEW.state_id, next
+            USING ERRCODE = 'CX003';
+    END IF;
+    IF NEW.call_index IS NULL
+       OR (NEW.call_index < next AND EXISTS (
+               SELECT 1 FROM calls
+               WHERE state_id = NEW.state_id AND call_index = NEW.call_index)) THEN
+        NEW.call_index := next;
+    END IF;
+    IF NEW.call_index >= next THEN
+        UPDATE call_index_counters SET next_index = NEW.call_index + 1
+        WHERE state_id = NEW.state_id;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response, response_hash = p_response_hash,
+        error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
+    RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'CX004';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response text, p_response_hash text,
+    p_error text, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response::json, response_hash = p_response_hash,
+        error = p_error::json, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
+    RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'CX004';
+    END IF;
+END;
+$$;
+
+DO $$
+DECLARE
+    fn text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['callindex_vouch_index()', 'callindex_number_call()', 'callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision)', 'callindex_finish_call(text, text, text, text, text, text, double precision)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', fn, current_schema());
+    END LOOP;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0008' WHERE callindex_alembic_version.version_num = '0007';
 
 COMMIT;
 

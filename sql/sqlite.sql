@@ -216,5 +216,28 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0007' WHERE callindex_alembic_version.version_num = '0006';
 
+-- Running upgrade 0007 -> 0008
+
+DROP TRIGGER callindex_guard_counters;
+
+CREATE TRIGGER callindex_guard_counters BEFORE UPDATE ON call_index_counters
+WHEN NEW.next_index < OLD.next_index OR NEW.next_index > OLD.next_index + 1000000
+     OR NEW.state_id IS NOT OLD.state_id
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX002] a counter may only move forward, by at most 1000000 at a time');
+END;
+
+DROP TRIGGER callindex_guard_counters_replace;
+
+CREATE TRIGGER callindex_guard_counters_replace BEFORE INSERT ON call_index_counters
+WHEN NEW.next_index < (SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id)
+  OR NEW.next_index > 1000000 + (
+      SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX002] a counter may only move forward, by at most 1000000 at a time (INSERT OR REPLACE on call_index_counters)');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0008' WHERE callindex_alembic_version.version_num = '0007';
+
 COMMIT;
 

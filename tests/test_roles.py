@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, exc, text
 
-from callindex import CallRecorder, DatabaseError, ImmutableCallError, migrations
+from callindex import (
+    CallOwnedByAnotherRoleError,
+    CallRecorder,
+    DatabaseError,
+    migrations,
+)
 from callindex.database import Database
 
 from conftest import as_role, counter_value
@@ -109,7 +114,7 @@ class TestTheApplicationRole:
             begun = app.begin_call("s", "http", {})
         with (
             CallRecorder(as_role(roles, "callindex_test_app_other")) as other,
-            pytest.raises(ImmutableCallError, match="recorded by another role"),
+            pytest.raises(CallOwnedByAnotherRoleError, match="recorded by another role"),
         ):
             other.finish_call(begun.call_id, "success")
         with CallRecorder(as_role(roles, "callindex_test_app")) as app:

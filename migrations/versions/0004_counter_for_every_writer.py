@@ -321,6 +321,16 @@ END
     ]
 
 
+# 0002's guard against a taken index, which the numbering triggers replace
+# (for the downgrade).
+SQLITE_TAKEN_GUARD = """
+CREATE TRIGGER callindex_guard_calls_replace_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: call_index taken: the counter is behind its calls');
+END
+"""
+
 SQLITE_DOWN = [
     "DROP TRIGGER callindex_number_call_given",
     "DROP TRIGGER callindex_number_call_taken",
@@ -349,7 +359,7 @@ def _sqlite_columns() -> tuple[str, ...]:
 def upgrade() -> None:
     op.add_column("calls", sa.Column("recorded_by", sa.Text(), nullable=True))
     if op.get_context().dialect.name != "postgresql":
-        op.execute(_earlier("0002").SQLITE_DOWN[2])  # type: ignore[attr-defined]
+        op.execute("DROP TRIGGER callindex_guard_calls_replace_index")
         for statement in sqlite_triggers(_sqlite_columns()):
             op.execute(statement)
         return
@@ -371,7 +381,7 @@ def downgrade() -> None:
         for statement in SQLITE_DOWN:
             op.execute(statement)
         # 0002's guard: a taken index was refused, not renumbered.
-        op.execute(_earlier("0002").SQLITE[3])  # type: ignore[attr-defined]
+        op.execute(SQLITE_TAKEN_GUARD)
         op.drop_column("calls", "recorded_by")
         return
     op.execute("DROP TRIGGER callindex_number_call ON calls")

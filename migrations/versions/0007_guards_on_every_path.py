@@ -120,11 +120,23 @@ END
 """
 
 
+# CREATE OR REPLACE resets a function's settings: pinned again, as 0005 did.
+PG_PIN_VOUCH_INDEX = """
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$
+"""
+
+
 def upgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
         for statement in PG_CHECKS:
             op.execute(statement)
         op.execute(PG_VOUCH_INDEX)
+        op.execute(PG_PIN_VOUCH_INDEX)
         return
     for statement in SQLITE_CHECKS:
         op.execute(statement)
@@ -134,6 +146,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
         op.execute(PG_VOUCH_INDEX_5)
+        op.execute(PG_PIN_VOUCH_INDEX)
         op.execute("ALTER TABLE calls DROP CONSTRAINT ck_calls_latency_ms_finite")
         op.execute("ALTER TABLE calls DROP CONSTRAINT ck_calls_call_type_identifier")
         return

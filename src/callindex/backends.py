@@ -160,8 +160,15 @@ class Backend:
 
     @contextmanager
     def translated(self) -> Iterator[None]:
-        with translated(self.where, sqlite_path=self.sqlite_path):
+        with translated(
+            self.where, sqlite_path=self.sqlite_path, unique_columns=self.unique_columns
+        ):
             yield
+
+    def unique_columns(self, name: str) -> frozenset[str]:
+        """The columns the unique index or constraint ``name`` of ``calls``
+        covers (PostgreSQL reports a violation by name; SQLite by columns)."""
+        return frozenset()
 
     def forget_inherited(self) -> None:
         self.engine.dispose(close=False)
@@ -246,6 +253,22 @@ class Backend:
         return parameters
 
 
+# The unique indexes of calls (constraints included: each has one), with
+# their columns; read once per process, the first time a write violates one.
+_UNIQUE_INDEXES_OF_CALLS: Final = """
+SELECT index.relname, array_agg(attribute.attname ORDER BY key.position)
+FROM pg_index
+JOIN pg_class AS index ON index.oid = pg_index.indexrelid
+JOIN pg_class AS tab ON tab.oid = pg_index.indrelid
+CROSS JOIN LATERAL unnest(pg_index.indkey) WITH ORDINALITY AS key(attnum, position)
+JOIN pg_attribute AS attribute
+  ON attribute.attrelid = tab.oid AND attribute.attnum = key.attnum
+WHERE pg_index.indisunique
+  AND tab.relname = 'calls' AND tab.relnamespace = current_schema()::regnamespace
+GROUP BY index.relname
+"""
+
+
 def _allocation(opening: bool) -> str:
     return "allocate_opening" if opening else "allocate_call_index"
 
@@ -283,6 +306,7 @@ class PostgreSQLBackend(Backend):
         super().__init__(engine, where, attempt_seconds, pool_size)
         self.early_release = early_release
         self._contended_until = 0.0
+        self._unique_columns: dict[str, frozenset[str]] | None = None
         self._sql = {
             name: positional_sql(name)
             for name in (
@@ -361,6 +385,13 @@ class PostgreSQLBackend(Backend):
     ) -> psycopg.Cursor[Any]:
         sql, order = self._sql[name]
         return conn.execute(sql, [parameters[key] for key in order], prepare=True)
+
+    def unique_columns(self, name: str) -> frozenset[str]:
+        if self._unique_columns is None:
+            with self.pool.connection() as conn:
+                rows = conn.execute(_UNIQUE_INDEXES_OF_CALLS).fetchall()
+            self._unique_columns = {index: frozenset(columns) for index, columns in rows}
+        return self._unique_columns.get(name, frozenset())
 
     def flush(self) -> None:
         with self.translated():

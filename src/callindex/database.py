@@ -288,7 +288,11 @@ class Database:
     @contextmanager
     def translated_errors(self) -> Iterator[None]:
         """Re-raise driver and SQLAlchemy errors as :mod:`callindex.errors` types."""
-        with translated(self.display_url, sqlite_path=self.backend.sqlite_path):
+        with translated(
+            self.display_url,
+            sqlite_path=self.backend.sqlite_path,
+            unique_columns=self.backend.unique_columns,
+        ):
             yield
 
 

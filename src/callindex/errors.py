@@ -28,7 +28,11 @@ Hierarchy::
     │   ├── DatabaseUnavailableError   server unreachable, connection lost, shutting down
     │   ├── ContentionError            lock or busy timeout, serialization failure, deadlock
     │   ├── CounterBehindError         a counter is behind its calls: run `callindex repair`
-    │   └── ImmutableCallError         the database refused to change or delete a call
+    │   ├── ImmutableCallError         the database refused to change or delete a call
+    │   ├── CounterGuardError          a counter moved back, or too far at once
+    │   ├── IndexAheadError            an index the counter did not hand out, or too far ahead
+    │   ├── CallOwnedByAnotherRoleError  a pending call finished by another role
+    │   └── PermissionDeniedError      the database role lacks a privilege
     └── LLMError                   a completion the LLM clients cannot return (call recorded)
         ├── LLMRateLimitedError            still 429 when the retries ran out
         ├── LLMContentFilteredError        finish_reason content_filter, or no content
@@ -151,6 +155,26 @@ class CounterBehindError(DatabaseError):
 
 class ImmutableCallError(DatabaseError):
     """The database refused to change or delete a call (finished calls are immutable)."""
+
+
+class CounterGuardError(DatabaseError):
+    """The database refused to move a counter back, or forward by more than
+    1,000,000 at once (counters never go back: a rewound counter hands out
+    indices again)."""
+
+
+class IndexAheadError(DatabaseError):
+    """The database refused a call at an index its state's counter did not
+    hand out, or more than 1,000,000 ahead of it."""
+
+
+class CallOwnedByAnotherRoleError(DatabaseError):
+    """A pending call may be finished only by the role that recorded it."""
+
+
+class PermissionDeniedError(DatabaseError):
+    """The database role lacks a privilege for what was asked (see
+    sql/postgresql-roles.sql)."""
 
 
 class LLMError(CallIndexError):

@@ -1,7 +1,11 @@
 """The one boundary where driver errors become callindex's own.
 
 PostgreSQL errors are looked up by SQLSTATE (exact code, then class) in one
-table; SQLite errors by their extended result code. The result is raised
+table, callindex's own refusals included (``CX001``..``CX004``, one per
+condition); a unique violation by the columns its index covers, read from the
+catalog. SQLite errors by their extended result code, by the columns a
+UNIQUE failure names, and by the code callindex's triggers start their
+message with (``callindex: [CX002] ...``). The result is raised
 ``from`` the driver error by :func:`translated`. No message of a driver error
 carries a password (callindex never puts one in SQL), and URLs appear only in
 their display form.
@@ -9,6 +13,7 @@ their display form.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,12 +25,16 @@ from sqlalchemy import exc
 
 from callindex.errors import (
     CallIndexError,
+    CallOwnedByAnotherRoleError,
     ConfigurationError,
     ContentionError,
     CounterBehindError,
+    CounterGuardError,
     DatabaseError,
     DatabaseUnavailableError,
     ImmutableCallError,
+    IndexAheadError,
+    PermissionDeniedError,
     SchemaMissingError,
 )
 
@@ -48,8 +57,17 @@ def _unavailable(where: str, detail: str) -> CallIndexError:
     return DatabaseUnavailableError(f"cannot reach the database {where}: {detail}")
 
 
-def _refused(where: str, detail: str) -> CallIndexError:
-    return ImmutableCallError(detail)
+def _refusal(kind: type[CallIndexError]) -> Meaning:
+    return lambda where, detail: kind(detail)
+
+
+# callindex's own refusals, by the code its triggers and functions raise.
+CALLINDEX_CODES: Final[dict[str, Meaning]] = {
+    "CX001": _refusal(ImmutableCallError),
+    "CX002": _refusal(CounterGuardError),
+    "CX003": _refusal(IndexAheadError),
+    "CX004": _refusal(CallOwnedByAnotherRoleError),
+}
 
 
 def counter_behind() -> CounterBehindError:
@@ -69,7 +87,8 @@ BY_SQLSTATE: Final[dict[str, Meaning]] = {
     "57P01": _unavailable,  # admin_shutdown
     "57P02": _unavailable,  # crash_shutdown
     "57P03": _unavailable,  # cannot_connect_now
-    "CX001": _refused,  # callindex's guard triggers
+    "42501": _refusal(PermissionDeniedError),  # insufficient_privilege
+    **CALLINDEX_CODES,
 }
 BY_SQLSTATE_CLASS: Final[dict[str, Meaning]] = {
     "08": _unavailable,  # connection exceptions
@@ -91,33 +110,45 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+UniqueColumns = Callable[[str], frozenset[str]]
+"""The columns of a unique index or constraint of ``calls``, by its name."""
+
+_SQLITE_CODE: Final = re.compile(r"^callindex: \[(CX\d{3})\] ")
+_SQLITE_UNIQUE: Final = re.compile(r"^UNIQUE constraint failed: (.*)$")
+
+
 def translate(
     error: BaseException,
     where: str,
     *,
     sqlite_path: Path | None = None,
     invalidated: bool = False,
+    unique_columns: UniqueColumns | None = None,
 ) -> CallIndexError:
     """The callindex error for a driver error (``psycopg.Error`` or ``sqlite3.Error``)."""
     detail = _first_line(error)
     if isinstance(error, psycopg.Error):
-        return _translate_postgresql(error, where, detail, invalidated)
+        return _translate_postgresql(error, where, detail, invalidated, unique_columns)
     if isinstance(error, sqlite3.Error):
         return _translate_sqlite(error, where, detail, sqlite_path)
     return DatabaseError(f"{type(error).__name__}: {detail} (on {where})")
 
 
 def _translate_postgresql(
-    error: psycopg.Error, where: str, detail: str, invalidated: bool
+    error: psycopg.Error,
+    where: str,
+    detail: str,
+    invalidated: bool,
+    unique_columns: UniqueColumns | None,
 ) -> CallIndexError:
     sqlstate = error.sqlstate or ""
     meaning = BY_SQLSTATE.get(sqlstate) or BY_SQLSTATE_CLASS.get(sqlstate[:2])
     if meaning is not None:
         return meaning(where, detail)
-    if detail.startswith("callindex: "):
-        return ImmutableCallError(detail)
     if isinstance(error, psycopg.errors.UniqueViolation):
-        return _unique_violation(error, detail)
+        name = error.diag.constraint_name or ""
+        columns = unique_columns(name) if unique_columns and name else frozenset()
+        return _unique_violation(columns, detail)
     if invalidated or (isinstance(error, psycopg.OperationalError) and not sqlstate):
         if any(failure in detail for failure in _PERMANENT_CONNECT_FAILURES):
             return ConfigurationError(f"the database {where} refused the connection: {detail}")
@@ -125,15 +156,11 @@ def _translate_postgresql(
     return DatabaseError(f"{type(error).__name__}: {detail} (on {where})")
 
 
-def _unique_violation(error: psycopg.Error, detail: str) -> CallIndexError:
-    diagnostics = error.diag
-    constraint = diagnostics.constraint_name or ""
-    key = diagnostics.message_detail or ""
-    if constraint == "uq_calls_state_id_call_index" or key.startswith(
-        "Key (state_id, call_index)="  # an adopted table's own index
-    ):
+def _unique_violation(columns: frozenset[str], detail: str) -> CallIndexError:
+    """A unique violation on ``calls``, by the columns its index covers."""
+    if columns == {"state_id", "call_index"}:
         return counter_behind()
-    if constraint == "pk_calls" or key.startswith("Key (call_id)="):
+    if columns == {"call_id"}:
         # The same call_id, recorded by a concurrent attempt that committed
         # first. This statement rolled back whole; retrying finds that call.
         return ContentionError("the same call_id was being recorded concurrently")
@@ -148,12 +175,17 @@ def _translate_sqlite(
         return _contention(where, detail)
     if "no such table" in detail:
         return _schema_missing(where, detail)
-    if "the counter is behind its calls" in detail or "calls.call_index" in detail:
+    if coded := _SQLITE_CODE.match(detail):
+        return CALLINDEX_CODES[coded[1]](where, detail)
+    if unique := _SQLITE_UNIQUE.match(detail):
+        columns = frozenset(
+            name.strip().partition(".")[2] for name in unique[1].split(",") if "." in name
+        )
+        return _unique_violation(columns, detail)
+    if "the counter is behind its calls" in detail:  # the taken-index trigger (0005)
         return counter_behind()
-    if detail.startswith("callindex: "):
+    if detail.startswith("callindex: "):  # the immutability triggers (0002)
         return ImmutableCallError(detail)
-    if "calls.call_id" in detail:
-        return ContentionError("the same call_id was being recorded concurrently")
     if code == "SQLITE_CANTOPEN":
         if sqlite_path is not None and not sqlite_path.exists():
             return SchemaMissingError(
@@ -166,7 +198,9 @@ def _translate_sqlite(
 
 
 @contextmanager
-def translated(where: str, *, sqlite_path: Path | None = None) -> Iterator[None]:
+def translated(
+    where: str, *, sqlite_path: Path | None = None, unique_columns: UniqueColumns | None = None
+) -> Iterator[None]:
     """Re-raise driver and SQLAlchemy errors as :mod:`callindex.errors` types."""
     try:
         yield
@@ -179,8 +213,11 @@ def translated(where: str, *, sqlite_path: Path | None = None) -> Iterator[None]
             where,
             sqlite_path=sqlite_path,
             invalidated=error.connection_invalidated,
+            unique_columns=unique_columns,
         ) from error
     except (psycopg.Error, sqlite3.Error) as error:
-        raise translate(error, where, sqlite_path=sqlite_path) from error
+        raise translate(
+            error, where, sqlite_path=sqlite_path, unique_columns=unique_columns
+        ) from error
     except exc.SQLAlchemyError as error:
         raise DatabaseError(f"{type(error).__name__} on {where}") from error

@@ -1,0 +1,143 @@
+"""Errors recognised by meaning: each refusal of the database has a code of its
+own and a typed error; a unique violation is told apart by the columns its
+index covers, whatever the index is called (an adopted table's ``calls_pkey``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from sqlalchemy import make_url
+
+from callindex import (
+    CallIndexError,
+    CallRecorder,
+    ContentionError,
+    CounterBehindError,
+    CounterGuardError,
+    ImmutableCallError,
+    IndexAheadError,
+    PermissionDeniedError,
+    adoption,
+)
+from callindex.database import Database
+from callindex.translation import translate
+
+from conftest import as_role
+from legacy import create_legacy_database
+
+
+def refusal(url: str, statement: str) -> CallIndexError:
+    """What callindex makes of the driver's error for ``statement`` on ``url``."""
+    db = Database(url)
+    try:
+        if db.name == "sqlite":
+            path = make_url(url).database
+            assert path is not None
+            conn = sqlite3.connect(path)
+            try:
+                conn.execute(statement)
+                conn.commit()
+            except sqlite3.Error as error:
+                return translate(error, db.display_url)
+            finally:
+                conn.close()
+        else:
+            dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+            with psycopg.connect(dsn, autocommit=True) as pg:
+                try:
+                    pg.execute(statement)
+                except psycopg.Error as error:
+                    return translate(
+                        error, db.display_url, unique_columns=db.backend.unique_columns
+                    )
+        raise AssertionError(f"the database accepted {statement!r}")
+    finally:
+        db.dispose()
+
+
+@pytest.fixture
+def recorded(db_url: str) -> str:
+    with CallRecorder(db_url) as recorder:
+        recorder.open_state("s")
+        recorder.allocate_call_index("s", 5)
+        recorder.record_call("s", "http", "success", {}, call_id="done")
+    return db_url
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ("UPDATE calls SET status = 'error' WHERE call_id = 'done'", ImmutableCallError),
+        ("DELETE FROM calls WHERE call_id = 'done'", ImmutableCallError),
+        ("UPDATE call_index_counters SET next_index = 0", CounterGuardError),
+        ("UPDATE call_index_counters SET next_index = next_index + 2000000", CounterGuardError),
+        (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+            "VALUES ('again', 's', 5, 'http', 'success')",
+            CounterBehindError,
+        ),
+        (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+            "VALUES ('done', 's', 0, 'http', 'success')",
+            ContentionError,
+        ),
+    ],
+    ids=["finished", "delete", "rewind", "leap", "index taken", "call_id taken"],
+)
+def test_each_refusal_has_its_type(
+    recorded: str, statement: str, expected: type[CallIndexError]
+) -> None:
+    if recorded.startswith("sqlite") and expected is ContentionError:
+        # SQLite's trigger against INSERT OR REPLACE of a call answers first
+        # (the write path looks the call_id up itself).
+        expected = ImmutableCallError
+    assert type(refusal(recorded, statement)) is expected
+
+
+def test_sqlite_insert_or_replace_is_a_counter_guard_error(sqlite_url: str) -> None:
+    with CallRecorder(sqlite_url) as recorder:
+        recorder.open_state("s")
+        recorder.allocate_call_index("s", 3)
+    error = refusal(
+        sqlite_url,
+        "INSERT OR REPLACE INTO call_index_counters (state_id, next_index) VALUES ('s', 0)",
+    )
+    assert type(error) is CounterGuardError
+
+
+class TestPostgreSQLRoles:
+    def test_an_index_ahead_of_the_counter(self, roles: str) -> None:
+        app = as_role(roles, "callindex_test_app")
+        error = refusal(
+            app,
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+            "VALUES ('ahead', 's', 99, 'http', 'success')",
+        )
+        assert type(error) is IndexAheadError
+
+    def test_a_missing_privilege_is_not_an_immutable_call(self, roles: str) -> None:
+        auditor = as_role(roles, "callindex_test_auditor")
+        error = refusal(
+            auditor,
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+            "VALUES ('x', 's', 0, 'http', 'success')",
+        )
+        assert type(error) is PermissionDeniedError
+
+
+def test_an_adopted_tables_own_index_names(postgresql_empty_url: str) -> None:
+    """Upstream's primary key is calls_pkey and its unique index on
+    (state_id, call_index) is partial: recognised by their columns."""
+    create_legacy_database(postgresql_empty_url, states=2, calls_per_state=3)
+    adoption.adopt(Database(postgresql_empty_url))
+    statement: Callable[[str, int], str] = lambda call_id, index: (  # noqa: E731
+        "INSERT INTO calls (call_id, state_id, call_index, call_type, status, request_hash, "
+        f"created_at) VALUES ('{call_id}', 'state-0', {index}, 'http', 'success', 'h', now())"
+    )
+    assert type(refusal(postgresql_empty_url, statement("legacy-0-0", 9))) is ContentionError
+    with CallRecorder(postgresql_empty_url) as recorder:
+        recorder.allocate_call_index("state-0", 2)
+    assert type(refusal(postgresql_empty_url, statement("new", 1))) is CounterBehindError
