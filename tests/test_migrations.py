@@ -188,6 +188,26 @@ class TestTheWritePathChecksTheRevision:
             recorder.record_call("s", "http", "success", {})
 
 
+def test_the_current_definitions_agree_with_the_migrations(postgresql_url: str) -> None:
+    """sql/definitions.postgresql.sql holds the one current definition of each
+    function and trigger; the migrations, their frozen copies, must build
+    exactly these (regenerate with `callindex db definitions`)."""
+    db = Database(postgresql_url)
+    try:
+        built = migrations.current_definitions(db)
+    finally:
+        db.dispose()
+    shipped = (resource_dir("sql") / "definitions.postgresql.sql").read_text(encoding="utf-8")
+    assert built == shipped
+
+
+def test_no_migration_imports_the_library() -> None:
+    """A shipped migration must not change when the library does."""
+    for script in sorted((REPO / "migrations" / "versions").glob("*.py")):
+        source = script.read_text(encoding="utf-8")
+        assert "from callindex" not in source and "import callindex" not in source, script.name
+
+
 def test_installed_package_carries_its_migrations_and_sql() -> None:
     package = Path(callindex.__file__).resolve().parent
     for name in ("migrations", "sql"):

@@ -95,14 +95,6 @@ def adopting() -> bool:
     )
 
 
-def _check_adoptable() -> None:
-    # The same checks as `callindex db adopt`, whichever way the migrations
-    # run, and before anything is created (SQLite DDL may not be transactional).
-    from callindex.adoption import check_table
-
-    check_table(op.get_bind(), "this database")
-
-
 def _adopt_calls() -> None:
     present = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("calls")}
     for name, type_ in ADOPTED_COLUMNS:
@@ -111,9 +103,9 @@ def _adopt_calls() -> None:
 
 
 def upgrade() -> None:
+    # The library checks an existing calls table before it runs the
+    # migrations (callindex.migrations: upgrade, upgrade_with).
     adopted = adopting()
-    if adopted:
-        _check_adoptable()
     op.create_table(
         "call_index_counters",
         sa.Column("state_id", sa.Text(), nullable=False),

@@ -75,9 +75,23 @@ def check(db: Database) -> None:
     db.read(lambda statements: check_table(statements.connection, db.display_url))
 
 
+def check_before_migrating(connection: Connection, where: str) -> None:
+    """Before callindex's migrations run on a database without its revision:
+    a ``calls`` table callindex did not create is checked (:func:`check_table`)
+    before migration 0001 adopts it, whichever way the migrations are run."""
+    inspector = inspect(connection)
+    if not inspector.has_table("calls"):
+        return
+    created_by_callindex = any(
+        key["referred_table"] == "call_index_counters"
+        for key in inspector.get_foreign_keys("calls")
+    )
+    if not created_by_callindex:
+        check_table(connection, where)
+
+
 def check_table(connection: Connection, where: str) -> None:
-    """:func:`check` on an open connection; migration 0001 runs it before it
-    adopts a table, whichever way the migrations are run."""
+    """:func:`check` on an open connection."""
     inspector = inspect(connection)
     if not inspector.has_table("calls"):
         raise AdoptionError(

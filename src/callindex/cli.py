@@ -113,6 +113,14 @@ def db_current(ctx: click.Context) -> None:
         click.echo(f"legacy writers: {mode}")
 
 
+@db.command("definitions")
+@click.pass_context
+def db_definitions(ctx: click.Context) -> None:
+    """Print the current definition of every callindex function and trigger
+    (PostgreSQL), as `sql/definitions.postgresql.sql` holds them."""
+    click.echo(migrations.current_definitions(_database(ctx)), nl=False)
+
+
 @db.command("legacy-writers")
 @click.argument("mode", type=click.Choice(["on", "off"]))
 @click.pass_context

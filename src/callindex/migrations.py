@@ -126,6 +126,8 @@ def _run(
         db.backend.lock_for_upgrade(conn)
         if lock_timeout_seconds is not None:
             db.backend.bound_lock_waits(conn, lock_timeout_seconds)
+        if direction == "upgrade":
+            _check_adoptable(conn, db.display_url)
         config = alembic_config(connection=conn)
         try:
             getattr(command, direction)(config, revision)
@@ -166,9 +168,69 @@ def upgrade_with(connection: Connection, revision: str = "head") -> None:
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY}
                 )
+            _check_adoptable(connection, "this database")
             context.run_migrations()
     except CommandError as error:
         raise ConfigurationError(f"cannot upgrade to {revision!r}: {error}") from error
+
+
+def _check_adoptable(connection: Connection, where: str) -> None:
+    """On a database without callindex's revision, a ``calls`` table callindex
+    did not create is checked before migration 0001 adopts it, and refused as a
+    whole with :class:`~callindex.errors.AdoptionError` before anything is
+    written (SQLite's DDL may not be transactional). The check is the
+    library's, not frozen in a migration: what can be adopted depends on what
+    the installed library writes."""
+    from callindex import adoption  # adoption itself runs the migrations
+
+    version = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    if version.get_current_revision() is None:
+        adoption.check_before_migrating(connection, where)
+
+
+_DEFINITIONS: Final = """
+SELECT 'function' AS kind, p.oid::regprocedure::text AS name,
+       pg_get_functiondef(p.oid) AS definition
+FROM pg_proc AS p
+WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'callindex%'
+UNION ALL
+SELECT 'trigger', t.tgname || ' ON ' || c.relname, pg_get_triggerdef(t.oid, true)
+FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::regnamespace
+  AND t.tgname LIKE 'callindex%'
+ORDER BY 1, 2
+"""
+
+
+def current_definitions(db: Database) -> str:
+    """PostgreSQL: the current definition of every callindex function and
+    trigger, as the database holds them (``sql/definitions.postgresql.sql``
+    is this text for a database at head, with legacy-writers mode off). The
+    migrations hold frozen copies; a test checks that the two agree."""
+    if db.name != "postgresql":
+        raise ConfigurationError("function and trigger definitions are PostgreSQL's")
+
+    def read(statements: Statements) -> str:
+        rows = statements.connection.execute(text(_DEFINITIONS)).all()
+        owner = statements.connection.execute(
+            text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'calls'::regclass")
+        ).scalar_one()
+        # The owner's name is written into the triggers that skip its inserts.
+        blocks = [
+            f"-- {kind} {name}\n"
+            + definition.strip().replace(f"'{owner}'::name", "'<owner>'::name")
+            + ";\n"
+            for kind, name, definition in rows
+        ]
+        header = (
+            "-- The current definition of every callindex function and trigger on\n"
+            "-- PostgreSQL, at schema head (legacy-writers mode off). Rendered from a\n"
+            "-- migrated database by `callindex db definitions`; the migrations hold\n"
+            "-- frozen copies, and tests/test_migrations.py checks the two agree.\n"
+        )
+        return header + "\n" + "\n".join(blocks)
+
+    return db.read(read)
 
 
 def include_object(
