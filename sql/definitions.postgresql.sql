@@ -3,8 +3,8 @@
 -- migrated database by `callindex db definitions`; the migrations hold
 -- frozen copies, and tests/test_migrations.py checks the two agree.
 
--- function callindex_allocate(text,integer)
-CREATE OR REPLACE FUNCTION public.callindex_allocate(state_id text, count integer DEFAULT 1)
+-- function callindex_allocate_v2(text,integer)
+CREATE OR REPLACE FUNCTION public.callindex_allocate_v2(state_id text, count integer DEFAULT 1)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -13,24 +13,25 @@ AS $function$
 DECLARE
     first_index bigint;
 BEGIN
-    IF callindex_allocate.count IS NULL
-       OR callindex_allocate.count NOT BETWEEN 1 AND 1000000 THEN
-        RAISE EXCEPTION 'callindex_allocate: count must be 1 to 1000000, not %',
-            callindex_allocate.count
+    IF callindex_allocate_v2.count IS NULL
+       OR callindex_allocate_v2.count NOT BETWEEN 1 AND 1000000 THEN
+        RAISE EXCEPTION 'callindex_allocate_v2: count must be 1 to 1000000, not %',
+            callindex_allocate_v2.count
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT reserved INTO first_index
-    FROM callindex_reserve(callindex_allocate.state_id, callindex_allocate.count) AS reserved;
+    FROM callindex_reserve_v2(callindex_allocate_v2.state_id,
+                              callindex_allocate_v2.count) AS reserved;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'callindex_allocate: unknown state %', callindex_allocate.state_id
+        RAISE EXCEPTION 'callindex_allocate_v2: unknown state %', callindex_allocate_v2.state_id
             USING ERRCODE = 'no_data_found';
     END IF;
     RETURN first_index;
 END;
 $function$;
 
--- function callindex_finish_call(text,text,jsonb,text,jsonb,text,double precision)
-CREATE OR REPLACE FUNCTION public.callindex_finish_call(p_call_id text, p_status text, p_response jsonb, p_response_hash text, p_error jsonb, p_error_hash text, p_latency_ms double precision)
+-- function callindex_finish_call_v2(text,text,text,text,text,text,double precision)
+CREATE OR REPLACE FUNCTION public.callindex_finish_call_v2(p_call_id text, p_status text, p_response text, p_response_hash text, p_error text, p_error_hash text, p_latency_ms double precision)
  RETURNS SETOF calls
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -38,37 +39,7 @@ CREATE OR REPLACE FUNCTION public.callindex_finish_call(p_call_id text, p_status
 AS $function$
 BEGIN
     IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
-        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
-            p_status USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- No row: the call is not pending (finished, abandoned or unknown).
-    RETURN QUERY
-    UPDATE calls
-    SET status = p_status, response = p_response, response_hash = p_response_hash,
-        error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
-        completed_at = now()
-    WHERE call_id = p_call_id AND status = 'pending'
-      AND (recorded_by IS NULL OR recorded_by = session_user)
-    RETURNING *;
-    IF NOT FOUND AND EXISTS (
-        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
-    ) THEN
-        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
-            'may finish it', p_call_id USING ERRCODE = 'CX004';
-    END IF;
-END;
-$function$;
-
--- function callindex_finish_call(text,text,text,text,text,text,double precision)
-CREATE OR REPLACE FUNCTION public.callindex_finish_call(p_call_id text, p_status text, p_response text, p_response_hash text, p_error text, p_error_hash text, p_latency_ms double precision)
- RETURNS SETOF calls
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-BEGIN
-    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
-        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+        RAISE EXCEPTION 'callindex_finish_call_v2: status must be success or error, not %',
             p_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- No row: the call is not pending (finished, abandoned or unknown).
@@ -205,8 +176,8 @@ BEGIN
 END;
 $function$;
 
--- function callindex_open_state(text)
-CREATE OR REPLACE FUNCTION public.callindex_open_state(p_state_id text)
+-- function callindex_open_state_v2(text)
+CREATE OR REPLACE FUNCTION public.callindex_open_state_v2(p_state_id text)
  RETURNS void
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -220,44 +191,8 @@ BEGIN
 END;
 $function$;
 
--- function callindex_record_call(text,text,text,text,jsonb,text,jsonb,text,jsonb,text,double precision)
-CREATE OR REPLACE FUNCTION public.callindex_record_call(p_call_id text, p_state_id text, p_call_type text, p_status text, p_request jsonb, p_request_hash text, p_response jsonb, p_response_hash text, p_error jsonb, p_error_hash text, p_latency_ms double precision)
- RETURNS SETOF calls
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-DECLARE
-    recorded calls;
-BEGIN
-    SELECT * INTO recorded FROM calls WHERE call_id = p_call_id;
-    IF FOUND THEN
-        RETURN NEXT recorded;
-        RETURN;
-    END IF;
-    WITH counter AS (
-        UPDATE call_index_counters SET next_index = next_index + 1
-        WHERE state_id = p_state_id
-        RETURNING next_index - 1 AS next
-    )
-    INSERT INTO calls (
-        call_id, state_id, call_index, call_type, status,
-        request, request_hash, response, response_hash, error, error_hash,
-        latency_ms, created_at, completed_at
-    )
-    SELECT p_call_id, p_state_id, counter.next, p_call_type, p_status,
-           p_request, p_request_hash, p_response, p_response_hash, p_error, p_error_hash,
-           p_latency_ms, now(), CASE WHEN p_status = 'pending' THEN NULL ELSE now() END
-    FROM counter
-    RETURNING * INTO recorded;
-    IF FOUND THEN
-        RETURN NEXT recorded;  -- no row at all: the state is unknown
-    END IF;
-END;
-$function$;
-
--- function callindex_record_call(text,text,text,text,text,text,text,text,text,text,double precision)
-CREATE OR REPLACE FUNCTION public.callindex_record_call(p_call_id text, p_state_id text, p_call_type text, p_status text, p_request text, p_request_hash text, p_response text, p_response_hash text, p_error text, p_error_hash text, p_latency_ms double precision)
+-- function callindex_record_call_v2(text,text,text,text,text,text,text,text,text,text,double precision)
+CREATE OR REPLACE FUNCTION public.callindex_record_call_v2(p_call_id text, p_state_id text, p_call_type text, p_status text, p_request text, p_request_hash text, p_response text, p_response_hash text, p_error text, p_error_hash text, p_latency_ms double precision)
  RETURNS SETOF calls
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -294,8 +229,8 @@ BEGIN
 END;
 $function$;
 
--- function callindex_record_released(text,text,text,text,text,text,text,text,text,text,double precision,bigint,timestamp with time zone,timestamp with time zone,double precision)
-CREATE OR REPLACE PROCEDURE public.callindex_record_released(IN p_call_id text, IN p_state_id text, IN p_call_type text, IN p_status text, IN p_request text, IN p_request_hash text, IN p_response text, IN p_response_hash text, IN p_error text, IN p_error_hash text, IN p_latency_ms double precision, INOUT call_index bigint DEFAULT NULL::bigint, INOUT created_at timestamp with time zone DEFAULT NULL::timestamp with time zone, INOUT completed_at timestamp with time zone DEFAULT NULL::timestamp with time zone, INOUT waited_ms double precision DEFAULT NULL::double precision)
+-- function callindex_record_released_v2(text,text,text,text,text,text,text,text,text,text,double precision,bigint,timestamp with time zone,timestamp with time zone,double precision)
+CREATE OR REPLACE PROCEDURE public.callindex_record_released_v2(IN p_call_id text, IN p_state_id text, IN p_call_type text, IN p_status text, IN p_request text, IN p_request_hash text, IN p_response text, IN p_response_hash text, IN p_error text, IN p_error_hash text, IN p_latency_ms double precision, INOUT call_index bigint DEFAULT NULL::bigint, INOUT created_at timestamp with time zone DEFAULT NULL::timestamp with time zone, INOUT completed_at timestamp with time zone DEFAULT NULL::timestamp with time zone, INOUT waited_ms double precision DEFAULT NULL::double precision)
  LANGUAGE plpgsql
 AS $procedure$
 #variable_conflict use_column
@@ -331,8 +266,8 @@ BEGIN
 END;
 $procedure$;
 
--- function callindex_reserve(text,integer)
-CREATE OR REPLACE FUNCTION public.callindex_reserve(p_state_id text, p_count integer)
+-- function callindex_reserve_v2(text,integer)
+CREATE OR REPLACE FUNCTION public.callindex_reserve_v2(p_state_id text, p_count integer)
  RETURNS SETOF bigint
  LANGUAGE plpgsql
  SECURITY DEFINER

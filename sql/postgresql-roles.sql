@@ -21,9 +21,9 @@
 --     sum, so grant the role to your pipelines only), another state_id, and
 --     any DELETE or TRUNCATE;
 --   * open states and finish its own pending calls only through callindex's
---     SECURITY DEFINER functions (callindex_open_state, callindex_finish_call;
---     callindex_allocate, callindex_reserve and callindex_record_call serve
---     SQL callers and workers of earlier versions), each pinned to this
+--     SECURITY DEFINER functions (callindex_open_state_v2,
+--     callindex_finish_call_v2; callindex_allocate_v2, callindex_reserve_v2
+--     and callindex_record_call_v2 serve SQL callers), each pinned to this
 --     schema's search_path. A pending call is finished only by the login
 --     role that recorded it (calls.recorded_by).
 -- In legacy-writers mode (`callindex db legacy-writers on`) every insert goes
@@ -54,8 +54,8 @@ BEGIN
 END;
 $$;
 
-REVOKE ALL ON calls, call_index_counters, callindex_alembic_version
-    FROM callindex_app, callindex_auditor;
+REVOKE ALL ON calls, call_index_counters, callindex_alembic_version,
+    callindex_schema_interfaces FROM callindex_app, callindex_auditor;
 
 GRANT SELECT ON calls TO callindex_app;
 GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request_hash,
@@ -67,17 +67,15 @@ GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
 -- its first call. A new counter holds no calls yet (calls reference it), so
 -- inserting one cannot put a recorded call out of the counter's reach.
 GRANT INSERT (state_id, next_index) ON call_index_counters TO callindex_app;
-GRANT SELECT ON callindex_alembic_version TO callindex_app;
+GRANT SELECT ON callindex_alembic_version, callindex_schema_interfaces TO callindex_app;
 GRANT EXECUTE ON FUNCTION
-    callindex_open_state(text),
-    callindex_reserve(text, integer),
-    callindex_allocate(text, integer),
-    callindex_record_call(text, text, text, text, jsonb, text, jsonb, text, jsonb, text,
-                          double precision),
-    callindex_finish_call(text, text, jsonb, text, jsonb, text, double precision),
-    callindex_record_call(text, text, text, text, text, text, text, text, text, text,
-                          double precision),
-    callindex_finish_call(text, text, text, text, text, text, double precision)
+    callindex_open_state_v2(text),
+    callindex_reserve_v2(text, integer),
+    callindex_allocate_v2(text, integer),
+    callindex_record_call_v2(text, text, text, text, text, text, text, text, text, text,
+                             double precision),
+    callindex_finish_call_v2(text, text, text, text, text, text, double precision)
     TO callindex_app;
 
-GRANT SELECT ON calls, call_index_counters, callindex_alembic_version TO callindex_auditor;
+GRANT SELECT ON calls, call_index_counters, callindex_alembic_version,
+    callindex_schema_interfaces TO callindex_auditor;

@@ -2,8 +2,8 @@
 
 -- open_state --
 -- Create the counter row of a state (past any calls it already has); a no-op
--- when it exists. callindex_open_state (migration 0004).
-SELECT callindex_open_state(CAST(:state_id AS text))
+-- when it exists. callindex_open_state_v2 (migration 0009).
+SELECT callindex_open_state_v2(CAST(:state_id AS text))
 FROM (SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)) AS durable;
 
 -- allocate_call_index --
@@ -122,10 +122,10 @@ WHERE counters.state_id = CAST(:state_id AS text)
 RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
 
 -- record_released --
--- insert_call with early lock release (callindex_record_released, migration
--- 0005): the call commits asynchronously, releasing the counter row at once,
+-- insert_call with early lock release (callindex_record_released_v2, migration
+-- 0009): the call commits asynchronously, releasing the counter row at once,
 -- and the procedure returns once a synchronous commit after it is on disk.
-CALL callindex_record_released(
+CALL callindex_record_released_v2(
     CAST(:call_id AS text), CAST(:state_id AS text), CAST(:call_type AS text),
     CAST(:status AS text), CAST(:request AS text), CAST(:request_hash AS text),
     CAST(:response AS text), CAST(:response_hash AS text), CAST(:error AS text),
@@ -143,14 +143,14 @@ FROM (SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text),
 
 -- finish_call --
 -- Complete a pending call; no row when it is not pending (or unknown).
--- callindex_finish_call (migration 0004).
+-- callindex_finish_call_v2 (migration 0009).
 WITH durable AS (
     SELECT set_config('synchronous_commit', CAST(:synchronous_commit AS text), true)
 )
 SELECT finished.call_id, finished.state_id, finished.call_index, finished.call_type,
        finished.request, finished.request_hash, finished.created_at, finished.completed_at,
        finished.hash_scheme
-FROM durable, callindex_finish_call(
+FROM durable, callindex_finish_call_v2(
     CAST(:call_id AS text), CAST(:status AS text), CAST(:response AS text),
     CAST(:response_hash AS text), CAST(:error AS text), CAST(:error_hash AS text),
     CAST(:latency_ms AS double precision)

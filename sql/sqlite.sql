@@ -239,5 +239,87 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0008' WHERE callindex_alembic_version.version_num = '0007';
 
+-- Running upgrade 0008 -> 0009
+
+CREATE TABLE callindex_schema_interfaces (
+    revision VARCHAR(32) NOT NULL,
+    interface INTEGER NOT NULL,
+    CONSTRAINT pk_callindex_schema_interfaces PRIMARY KEY (revision, interface)
+);
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0009', 1), ('0009', 2);
+
+DROP TRIGGER callindex_guard_calls_delete;
+
+CREATE TRIGGER callindex_guard_calls_delete BEFORE DELETE ON calls
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX001] a call cannot be deleted: the audit trail is append-only');
+END;
+
+DROP TRIGGER callindex_guard_calls_update;
+
+CREATE TRIGGER callindex_guard_calls_update BEFORE UPDATE ON calls
+WHEN OLD.status <> 'pending'
+     OR NEW.status = 'pending'
+     OR NEW.completed_at IS NULL
+     OR NEW.call_id IS NOT OLD.call_id
+     OR NEW.state_id IS NOT OLD.state_id
+     OR NEW.call_index IS NOT OLD.call_index
+     OR NEW.call_type IS NOT OLD.call_type
+     OR NEW.request IS NOT OLD.request
+     OR NEW.request_hash IS NOT OLD.request_hash
+     OR NEW.hash_scheme IS NOT OLD.hash_scheme
+     OR NEW.created_at IS NOT OLD.created_at
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX001] a call may change only from pending to finished');
+END;
+
+DROP TRIGGER callindex_guard_calls_replace_id;
+
+CREATE TRIGGER callindex_guard_calls_replace_id BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE call_id = NEW.call_id)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX001] a recorded call cannot be replaced');
+END;
+
+DROP TRIGGER callindex_guard_calls_replace_index;
+
+CREATE TRIGGER callindex_guard_calls_replace_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX005] call_index taken: the counter is behind its calls');
+END;
+
+DROP TRIGGER callindex_guard_counters_delete;
+
+CREATE TRIGGER callindex_guard_counters_delete BEFORE DELETE ON call_index_counters
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX002] a counter is never deleted');
+END;
+
+DROP TRIGGER callindex_check_call_insert;
+
+CREATE TRIGGER callindex_check_call_insert BEFORE INSERT ON calls
+WHEN (length(NEW.call_type) NOT BETWEEN 1 AND 32 OR NEW.call_type GLOB '*[^a-z0-9_]*') OR NEW.latency_ms < 0 OR NEW.latency_ms > 1.7976931348623157e308
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX006] call_type must be 1 to 32 of a-z, 0-9 and _, and latency_ms finite and not negative');
+END;
+
+DROP TRIGGER callindex_check_call_update;
+
+CREATE TRIGGER callindex_check_call_update BEFORE UPDATE OF call_type, latency_ms ON calls
+WHEN (length(NEW.call_type) NOT BETWEEN 1 AND 32 OR NEW.call_type GLOB '*[^a-z0-9_]*') OR NEW.latency_ms < 0 OR NEW.latency_ms > 1.7976931348623157e308
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX006] call_type must be 1 to 32 of a-z, 0-9 and _, and latency_ms finite and not negative');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0009' WHERE callindex_alembic_version.version_num = '0008';
+
+-- Running upgrade 0009 -> 0010
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0010', 2);
+
+UPDATE callindex_alembic_version SET version_num='0010' WHERE callindex_alembic_version.version_num = '0009';
+
 COMMIT;
 

@@ -110,10 +110,11 @@ def test_postgresql_function_shares_the_allocator(postgresql_url: str) -> None:
         recorder.open_state("s1")
         assert recorder.allocate_call_index("s1") == 0
         with recorder.engine.begin() as conn:
-            assert conn.execute(text("SELECT callindex_allocate('s1')")).scalar_one() == 1
-            assert conn.execute(text("SELECT callindex_allocate('s1', 5)")).scalar_one() == 2
+            assert conn.execute(text("SELECT callindex_allocate_v2('s1')")).scalar_one() == 1
+            assert conn.execute(text("SELECT callindex_allocate_v2('s1', 5)")).scalar_one() == 2
             assert (
-                conn.execute(text("SELECT callindex_allocate(state_id => 's1')")).scalar_one() == 7
+                conn.execute(text("SELECT callindex_allocate_v2(state_id => 's1')")).scalar_one()
+                == 7
             )
         assert recorder.allocate_call_index("s1") == 8
 
@@ -121,9 +122,9 @@ def test_postgresql_function_shares_the_allocator(postgresql_url: str) -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        ("callindex_allocate('nope')", "unknown state nope"),
-        ("callindex_allocate('s1', 0)", "count must be 1 to 1000000"),
-        ("callindex_allocate('s1', NULL)", "count must be 1 to 1000000"),
+        ("callindex_allocate_v2('nope')", "unknown state nope"),
+        ("callindex_allocate_v2('s1', 0)", "count must be 1 to 1000000"),
+        ("callindex_allocate_v2('s1', NULL)", "count must be 1 to 1000000"),
     ],
 )
 def test_postgresql_function_refuses_bad_input(

@@ -4,6 +4,7 @@ index covers, whatever the index is called (an adopted table's ``calls_pkey``)."
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from sqlalchemy import make_url
 from callindex import (
     CallIndexError,
     CallRecorder,
+    CallRefusedError,
     ContentionError,
     CounterBehindError,
     CounterGuardError,
@@ -21,9 +23,10 @@ from callindex import (
     IndexAheadError,
     PermissionDeniedError,
     adoption,
+    migrations,
 )
 from callindex.database import Database
-from callindex.translation import translate
+from callindex.translation import CALLINDEX_CODES, translate
 
 from conftest import as_role
 from legacy import create_legacy_database
@@ -84,8 +87,29 @@ def recorded(db_url: str) -> str:
             "VALUES ('done', 's', 0, 'http', 'success')",
             ContentionError,
         ),
+        ("DELETE FROM call_index_counters", CounterGuardError),
+        (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+            "VALUES ('bad-type', 's', 1, 'HTTP call', 'success')",
+            CallRefusedError,
+        ),
+        (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status, latency_ms) "
+            "VALUES ('bad-latency', 's', 1, 'http', 'success', -1)",
+            CallRefusedError,
+        ),
     ],
-    ids=["finished", "delete", "rewind", "leap", "index taken", "call_id taken"],
+    ids=[
+        "finished",
+        "delete",
+        "rewind",
+        "leap",
+        "index taken",
+        "call_id taken",
+        "counter deleted",
+        "call_type",
+        "latency",
+    ],
 )
 def test_each_refusal_has_its_type(
     recorded: str, statement: str, expected: type[CallIndexError]
@@ -106,6 +130,40 @@ def test_sqlite_insert_or_replace_is_a_counter_guard_error(sqlite_url: str) -> N
         "INSERT OR REPLACE INTO call_index_counters (state_id, next_index) VALUES ('s', 0)",
     )
     assert type(error) is CounterGuardError
+
+
+def test_an_index_far_ahead_in_legacy_writers_mode(recorded: str) -> None:
+    migrations.set_legacy_writers(Database(recorded), on=True)
+    error = refusal(
+        recorded,
+        "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+        "VALUES ('far', 's', 5000000, 'http', 'success')",
+    )
+    assert type(error) is IndexAheadError
+
+
+@pytest.mark.parametrize("legacy_writers", [False, True], ids=["default", "legacy writers"])
+def test_every_sqlite_refusal_carries_a_code(sqlite_url: str, legacy_writers: bool) -> None:
+    """SQLite has no SQLSTATE: each of callindex's triggers starts its message
+    with one, and nothing is recognised by its wording."""
+    db = Database(sqlite_url)
+    migrations.upgrade(db)
+    migrations.set_legacy_writers(db, on=legacy_writers)
+    with db.engine.connect() as conn:
+        triggers = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+        ).all()
+    db.dispose()
+    aborts = [
+        (name, message)
+        for name, sql in triggers
+        for message in re.findall(r"RAISE\(ABORT,\s*'([^']*)'", sql)
+    ]
+    assert len(aborts) >= 9
+    for name, message in aborts:
+        code = re.match(r"callindex: \[(CX\d{3})\] ", message)
+        assert code is not None, f"{name} raises {message!r} without a code"
+        assert code[1] in CALLINDEX_CODES
 
 
 class TestPostgreSQLRoles:

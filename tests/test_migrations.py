@@ -108,7 +108,7 @@ def test_sql_script_builds_a_working_postgresql_database(postgresql_empty_url: s
     with CallRecorder(postgresql_empty_url) as recorder:
         recorder.open_state("s1")
         with recorder.engine.begin() as conn:
-            assert conn.execute(text("SELECT callindex_allocate('s1', 2)")).scalar_one() == 0
+            assert conn.execute(text("SELECT callindex_allocate_v2('s1', 2)")).scalar_one() == 0
         assert recorder.allocate_call_index("s1") == 2
 
 
@@ -139,7 +139,8 @@ class TestCheck:
     def test_behind_says_to_upgrade(self, empty_db_url: str) -> None:
         db = Database(empty_db_url)
         migrations.upgrade(db, "0001")
-        with pytest.raises(SchemaVersionError, match=r"behind .* run `callindex db upgrade`"):
+        behind = r"behind, at 0001: run `callindex db upgrade`"
+        with pytest.raises(SchemaVersionError, match=behind):
             migrations.check(db)
 
     def test_ahead_says_to_upgrade_the_library(self, db_url: str) -> None:
@@ -155,7 +156,7 @@ class TestTheWritePathChecksTheRevision:
     is written to a schema behind the library (without the guards it relies
     on) or ahead of it."""
 
-    @pytest.mark.parametrize("revision", ["0001", "0003", "0005"])
+    @pytest.mark.parametrize("revision", ["0001", "0003", "0005", "0008"])
     def test_behind(self, empty_db_url: str, revision: str) -> None:
         db = Database(empty_db_url)
         migrations.upgrade(db, revision)
@@ -166,7 +167,8 @@ class TestTheWritePathChecksTheRevision:
                 lambda: recorder.record_call("s", "http", "success", {}),
                 lambda: recorder.begin_call("s", "http", {}),
             ):
-                with pytest.raises(SchemaVersionError, match=rf"at revision {revision}, behind"):
+                behind = rf"behind, at {revision}: run `callindex db upgrade`"
+                with pytest.raises(SchemaVersionError, match=behind):
                     write()
         with db.engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM call_index_counters")).scalar() == 0
@@ -178,6 +180,46 @@ class TestTheWritePathChecksTheRevision:
             conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0099'"))
         with CallRecorder(db_url) as recorder, pytest.raises(SchemaVersionError, match="ahead"):
             recorder.record_call("s", "http", "success", {})
+        db.dispose()
+
+    def test_the_expand_revision_of_a_rolling_upgrade_is_written_on(
+        self, empty_db_url: str
+    ) -> None:
+        migrations.upgrade(Database(empty_db_url), migrations.OLDEST_REVISION)
+        with CallRecorder(empty_db_url, auto_open=True) as recorder:
+            assert recorder.record_call("s", "http", "success", {}).call_index == 0
+
+    def test_a_newer_revision_that_still_serves_the_interface_is_written_on(
+        self, db_url: str
+    ) -> None:
+        db = Database(db_url)
+        with db.engine.begin() as conn:
+            conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0099'"))
+            conn.execute(
+                text("INSERT INTO callindex_schema_interfaces VALUES ('0099', :interface)"),
+                {"interface": migrations.INTERFACE},
+            )
+        with CallRecorder(db_url, auto_open=True) as recorder:
+            assert recorder.record_call("s", "http", "success", {}).call_index == 0
+        db.dispose()
+
+    def test_a_newer_revision_that_serves_only_a_later_interface_is_ahead(
+        self, db_url: str
+    ) -> None:
+        db = Database(db_url)
+        with db.engine.begin() as conn:
+            conn.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0099'"))
+            conn.execute(
+                text("INSERT INTO callindex_schema_interfaces VALUES ('0099', :interface)"),
+                {"interface": migrations.INTERFACE + 1},
+            )
+        with (
+            CallRecorder(db_url, auto_open=True) as recorder,
+            pytest.raises(SchemaVersionError, match="ahead, at 0099"),
+        ):
+            recorder.record_call("s", "http", "success", {})
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM calls")).scalar() == 0
         db.dispose()
 
     def test_missing(self, empty_db_url: str) -> None:

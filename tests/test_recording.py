@@ -212,7 +212,7 @@ class TestTheDatabaseGuardsTheTrail:
             recorder.record_call("s1", "http", "success", {}, call_id="done")
             before = call_rows(sqlite_url)
             with (
-                pytest.raises(exc.DBAPIError, match="callindex: call_index taken"),
+                pytest.raises(exc.DBAPIError, match=r"callindex: \[CX005\] call_index taken"),
                 recorder.engine.begin() as conn,
             ):
                 conn.execute(
@@ -409,7 +409,7 @@ class TestAResultLostAfterCommit:
 
     def test_finish_call(self, opened: CallRecorder, db_url: str, break_once_after: Any) -> None:
         opened.begin_call("s1", "http", {"a": 1}, call_id="lost-ack")
-        broken = break_once_after(opened, "UPDATE calls", "callindex_finish_call(")
+        broken = break_once_after(opened, "UPDATE calls", "callindex_finish_call_v2(")
         done = opened.finish_call("lost-ack", "success", {"ok": True})
         assert broken and done.status == "success" and done.response == {"ok": True}
         assert call_rows(db_url) == [("lost-ack", "s1", 0, "success")]

@@ -141,10 +141,10 @@ class TestTheAuditorRole:
         [
             "INSERT INTO calls (call_id, state_id, call_type, status) "
             "VALUES ('x', 's', 'http', 'success')",
-            "SELECT callindex_allocate('s')",
-            "SELECT callindex_reserve('s', 1)",
-            "SELECT callindex_open_state('y')",
-            "SELECT * FROM callindex_record_call('x', 's', 'http', 'success', NULL, NULL, NULL, "
+            "SELECT callindex_allocate_v2('s')",
+            "SELECT callindex_reserve_v2('s', 1)",
+            "SELECT callindex_open_state_v2('y')",
+            "SELECT * FROM callindex_record_call_v2('x', 's', 'http', 'success', NULL, NULL, NULL, "
             "NULL, NULL, NULL, NULL)",
             "UPDATE call_index_counters SET next_index = 9",
         ],
@@ -232,9 +232,9 @@ class TestWhatAnInsertCannotForge:
                 pytest.raises(exc.DBAPIError, match="count must be 1 to 1000000"),
                 refused_by_function.begin() as conn,
             ):
-                conn.execute(text("SELECT callindex_allocate('s', 2147483647)"))
+                conn.execute(text("SELECT callindex_allocate_v2('s', 2147483647)"))
             with refused_by_function.begin() as conn:
-                reserved = conn.execute(text("SELECT callindex_reserve('s', 2000000)")).all()
+                reserved = conn.execute(text("SELECT callindex_reserve_v2('s', 2000000)")).all()
             assert reserved == []
         finally:
             refused_by_function.dispose()

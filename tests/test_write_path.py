@@ -99,7 +99,7 @@ def test_workers_of_an_earlier_version_record_through_the_sql_function(
         recorder.open_state("s1")
         recorder.record_call("s1", "http", "success", {}, call_id="new")
         record = text(
-            "SELECT call_index FROM callindex_record_call(:id, 's1', 'http', 'success', "
+            "SELECT call_index FROM callindex_record_call_v2(:id, 's1', 'http', 'success', "
             "NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
         )
         assert conn.execute(record, {"id": "old"}).scalar_one() == 1

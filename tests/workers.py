@@ -7,6 +7,7 @@ shared with the parent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import queue
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
+import psycopg
 from sqlalchemy import create_engine, exc, text
 
 from callindex import CallRecorder, DatabaseRetryPolicy
@@ -343,3 +345,31 @@ def write_as(barrier: Barrier, results: Any, kind: str, *args: Any) -> None:
             results.put(value if isinstance(value, str) else {"kind": kind, **value})
 
     target(barrier, Tag(), *args)
+
+
+def record_through_version_1(
+    barrier: Barrier, results: Any, dsn: str, worker: str, state_id: str, calls: int, pause: float
+) -> None:
+    """A worker of an earlier callindex during a rolling upgrade: it records
+    ``calls`` calls through the version-1 function ``callindex_record_call``
+    (payloads as JSON text) and reports ``{"acknowledged": {...}}``."""
+    try:
+        request = "{}"
+        request_hash = hashlib.sha256(request.encode()).hexdigest()
+        acknowledged: dict[str, tuple[str, int]] = {}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            barrier.wait()
+            for n in range(calls):
+                call_id = f"{worker}-{n}"
+                row = conn.execute(
+                    "SELECT call_index FROM callindex_record_call("
+                    "%s, %s, 'http', 'success', %s::text, %s, NULL::text, NULL, NULL::text, "
+                    "NULL, NULL)",
+                    (call_id, state_id, request, request_hash),
+                ).fetchone()
+                assert row is not None, "the state is open"
+                acknowledged[call_id] = (state_id, row[0])
+                time.sleep(pause)
+        results.put({"acknowledged": acknowledged})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")

@@ -32,6 +32,7 @@ Hierarchy::
     │   ├── CounterGuardError          a counter moved back, or too far at once
     │   ├── IndexAheadError            an index the counter did not hand out, or too far ahead
     │   ├── CallOwnedByAnotherRoleError  a pending call finished by another role
+    │   ├── CallRefusedError           a call's values refused by the database's checks
     │   └── PermissionDeniedError      the database role lacks a privilege
     └── LLMError                   a completion the LLM clients cannot return (call recorded)
         ├── LLMRateLimitedError            still 429 when the retries ran out
@@ -170,6 +171,12 @@ class IndexAheadError(DatabaseError):
 
 class CallOwnedByAnotherRoleError(DatabaseError):
     """A pending call may be finished only by the role that recorded it."""
+
+
+class CallRefusedError(DatabaseError):
+    """The database refused a call's values: a ``call_type`` that is not 1 to 32
+    of ``a-z0-9_``, a ``latency_ms`` that is negative or not finite, or a CHECK
+    of an adopted table (SQLSTATE 23514; SQLite ``CX006``)."""
 
 
 class PermissionDeniedError(DatabaseError):

@@ -18,14 +18,14 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, inspect, select, text
 
 from callindex import numbering
 from callindex.backends import UPGRADE_LOCK_KEY
 from callindex.database import Database, Statements
 from callindex.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from callindex.resources import resource_dir
-from callindex.schema import metadata
+from callindex.schema import metadata, schema_interfaces
 from callindex.urls import parse_url
 
 VERSION_TABLE: Final = "callindex_alembic_version"
@@ -263,6 +263,13 @@ def offline_sql(url: str, revision_range: str = "base:head") -> str:
     return output.getvalue()
 
 
+INTERFACE: Final = 2
+"""The version of the entry points (``callindex_*_v2``) this library calls."""
+OLDEST_REVISION: Final = "0009"
+"""The oldest revision that serves :data:`INTERFACE`: a library writes on it and
+on every later one that still serves it (a rolling upgrade's expand step)."""
+
+
 @dataclass(frozen=True)
 class SchemaStatus:
     current: str | None
@@ -274,32 +281,54 @@ class SchemaStatus:
 
 
 def check(db: Database) -> SchemaStatus:
-    """The database's revision if it is the library's; else a :class:`SchemaError`
-    whose message names the command that fixes it."""
+    """The database's revision when this library may write on it: from
+    :data:`OLDEST_REVISION` to the head it ships, or a newer revision the
+    database says still serves :data:`INTERFACE`. Otherwise a
+    :class:`SchemaError` whose message names the command that fixes it."""
     status = SchemaStatus(current=current_revision(db), head=head_revision())
-    if status.up_to_date:
-        return status
     if status.current is None:
         raise SchemaMissingError(
             f"{db.display_url} has no callindex schema: run `callindex db upgrade`"
         )
-    if status.current in _known_revisions():
+    known = _known_revisions()
+    if status.current in known:
+        if status.current in known[known.index(OLDEST_REVISION) :]:
+            return status
         raise SchemaVersionError(
-            f"{db.display_url} is at revision {status.current}, behind the library's "
-            f"{status.head}: run `callindex db upgrade`"
+            f"{db.display_url} is behind, at {status.current}: run `callindex db upgrade` "
+            f"(this callindex writes on revisions {OLDEST_REVISION} to {status.head})"
         )
+    if _serves_interface(db, status.current):
+        return status
     raise SchemaVersionError(
-        f"{db.display_url} is at revision {status.current}, ahead of the library's "
-        f"{status.head} (a revision this callindex does not know): upgrade the library "
-        "(`pip install --upgrade callindex`), or run `callindex db downgrade "
-        f"{status.head}` with the newer library installed"
+        f"{db.display_url} is ahead, at {status.current}: a revision this callindex "
+        f"(head {status.head}) does not know, which no longer serves its interface "
+        f"{INTERFACE}; upgrade the library (`pip install --upgrade callindex`), or run "
+        f"`callindex db downgrade {status.head}` with the newer library installed"
     )
 
 
+def _serves_interface(db: Database, revision: str) -> bool:
+    def read(statements: Statements) -> bool:
+        found = statements.connection.execute(
+            select(schema_interfaces.c.interface).where(
+                schema_interfaces.c.revision == revision,
+                schema_interfaces.c.interface == INTERFACE,
+            )
+        ).first()
+        return found is not None
+
+    try:
+        return db.read(read)
+    except SchemaMissingError:  # a revision from before the table existed
+        return False
+
+
 @functools.cache
-def _known_revisions() -> frozenset[str]:
+def _known_revisions() -> tuple[str, ...]:
+    """Every revision the library ships, oldest first."""
     scripts = ScriptDirectory.from_config(alembic_config())
-    return frozenset(script.revision for script in scripts.walk_revisions())
+    return tuple(reversed([script.revision for script in scripts.walk_revisions()]))
 
 
 def set_legacy_writers(db: Database, on: bool) -> None:

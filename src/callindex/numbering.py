@@ -43,7 +43,7 @@ _SQLITE_TAKEN_GUARD_SQL: Final = f"""
 CREATE TRIGGER {SQLITE_TAKEN_GUARD} BEFORE INSERT ON calls
 WHEN EXISTS (SELECT 1 FROM calls WHERE state_id = NEW.state_id AND call_index = NEW.call_index)
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: call_index taken: the counter is behind its calls');
+    SELECT RAISE(ABORT, 'callindex: [CX005] call_index taken: the counter is behind its calls');
 END
 """
 
@@ -91,7 +91,8 @@ WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL AND EXISTS (
 CREATE TRIGGER callindex_number_call_given BEFORE INSERT ON calls
 WHEN NEW.state_id IS NOT NULL AND NEW.call_index IS NOT NULL
 BEGIN{_SQLITE_OPEN_COUNTER}
-    SELECT RAISE(ABORT, 'callindex: call_index is more than {MAX_AHEAD} ahead of its counter')
+    SELECT RAISE(ABORT,
+        'callindex: [CX003] call_index is more than {MAX_AHEAD} ahead of its counter')
     WHERE NEW.call_index > {MAX_AHEAD} + (
         SELECT next_index FROM call_index_counters WHERE state_id = NEW.state_id);
     UPDATE call_index_counters SET next_index = NEW.call_index + 1

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -122,6 +123,16 @@ calls = Table(
         "hash_scheme IN ({})".format(", ".join(f"'{s}'" for s in (LEGACY_SCHEME, SCHEME))),
         name="hash_scheme_known",
     ),
+)
+
+# Which entry-point versions (interfaces) each schema revision serves: a
+# library meeting a revision newer than it knows writes only while that
+# revision still serves its interface (callindex.migrations.check).
+schema_interfaces = Table(
+    "callindex_schema_interfaces",
+    metadata,
+    Column("revision", String(32), primary_key=True),
+    Column("interface", Integer, primary_key=True),
 )
 
 # Sweeping and verifying look for old pending calls; finished ones are the bulk.

@@ -1,7 +1,7 @@
 """The one boundary where driver errors become callindex's own.
 
 PostgreSQL errors are looked up by SQLSTATE (exact code, then class) in one
-table, callindex's own refusals included (``CX001``..``CX004``, one per
+table, callindex's own refusals included (``CX001``..``CX006``, one per
 condition); a unique violation by the columns its index covers, read from the
 catalog. SQLite errors by their extended result code, by the columns a
 UNIQUE failure names, and by the code callindex's triggers start their
@@ -26,6 +26,7 @@ from sqlalchemy import exc
 from callindex.errors import (
     CallIndexError,
     CallOwnedByAnotherRoleError,
+    CallRefusedError,
     ConfigurationError,
     ContentionError,
     CounterBehindError,
@@ -67,6 +68,8 @@ CALLINDEX_CODES: Final[dict[str, Meaning]] = {
     "CX002": _refusal(CounterGuardError),
     "CX003": _refusal(IndexAheadError),
     "CX004": _refusal(CallOwnedByAnotherRoleError),
+    "CX005": lambda where, detail: counter_behind(),  # SQLite: an index already recorded
+    "CX006": _refusal(CallRefusedError),  # SQLite: PostgreSQL's CHECKs raise 23514
 }
 
 
@@ -88,6 +91,7 @@ BY_SQLSTATE: Final[dict[str, Meaning]] = {
     "57P02": _unavailable,  # crash_shutdown
     "57P03": _unavailable,  # cannot_connect_now
     "42501": _refusal(PermissionDeniedError),  # insufficient_privilege
+    "23514": _refusal(CallRefusedError),  # check_violation
     **CALLINDEX_CODES,
 }
 BY_SQLSTATE_CLASS: Final[dict[str, Meaning]] = {
@@ -182,10 +186,6 @@ def _translate_sqlite(
             name.strip().partition(".")[2] for name in unique[1].split(",") if "." in name
         )
         return _unique_violation(columns, detail)
-    if "the counter is behind its calls" in detail:  # the taken-index trigger (0005)
-        return counter_behind()
-    if detail.startswith("callindex: "):  # the immutability triggers (0002)
-        return ImmutableCallError(detail)
     if code == "SQLITE_CANTOPEN":
         if sqlite_path is not None and not sqlite_path.exists():
             return SchemaMissingError(
