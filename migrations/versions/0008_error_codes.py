@@ -18,7 +18,7 @@ SQLite triggers that can refuse a counter or an index are created again
 with it.
 
 The functions are the earlier revisions' definitions with only the code
-changed; each is named below with the revision it comes from.
+changed; the downgrade puts back each revision's own.
 
 Revision ID: 0008
 Revises: 0007
@@ -44,27 +44,187 @@ def _revision(revision_id: str) -> object:
     return scripts.get_revision(revision_id).module  # type: ignore[union-attr]
 
 
-def _replaceable(definition: str) -> str:
-    return definition.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+# This revision's definitions: the earlier ones with only the code changed.
+PG_DEFINITIONS = (
+    """
+CREATE OR REPLACE FUNCTION callindex_guard_counters() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a counter may only move forward, by at most 1000000 at '
+        'a time, and is never deleted (% on call_index_counters)', TG_OP
+        USING ERRCODE = 'CX002';
+END;
+$$
+""",
+    """
+CREATE OR REPLACE FUNCTION callindex_guard_new_counter() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a new counter starts at most 1000000 (state %, next %)',
+        NEW.state_id, NEW.next_index USING ERRCODE = 'CX002';
+END;
+$$
+""",
+    """
+CREATE OR REPLACE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    -- The database, not the writer, says when a call was made and finished.
+    NEW.created_at := now();
+    NEW.completed_at := CASE WHEN NEW.status = 'pending' THEN NULL ELSE now() END;
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';
+    END IF;
+    RETURN NEW;
+END;
+$$
+""",
+    """
+CREATE OR REPLACE FUNCTION callindex_number_call() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    NEW.recorded_by := session_user;  -- whatever the insert said
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;  -- an adopted table may hold calls of no state; not numbered here
+    END IF;
+    IF NEW.call_index IS NULL THEN
+        UPDATE call_index_counters SET next_index = next_index + 1
+        WHERE state_id = NEW.state_id
+        RETURNING next_index - 1 INTO NEW.call_index;
+        IF FOUND THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    -- Take the counter until this insert commits: every writer of the state
+    -- queues here, so the checks below see every call committed before. It is
+    -- written, not only locked, so that a REPEATABLE READ or SERIALIZABLE
+    -- writer whose snapshot misses the state's last insert gets a
+    -- serialization failure (to retry) instead of a unique violation.
+    UPDATE call_index_counters SET next_index = next_index
+    WHERE state_id = NEW.state_id
+    RETURNING next_index INTO next;
+    IF NOT FOUND THEN
+        INSERT INTO call_index_counters (state_id, next_index)
+        SELECT NEW.state_id, coalesce(max(call_index) + 1, 0)
+        FROM calls WHERE state_id = NEW.state_id
+        ON CONFLICT (state_id) DO NOTHING;
+        UPDATE call_index_counters SET next_index = next_index
+        WHERE state_id = NEW.state_id
+        RETURNING next_index INTO next;
+    END IF;
+    IF NEW.call_index > next + 1000000 THEN
+        RAISE EXCEPTION 'callindex: call_index % is more than 1000000 ahead of the '
+            'counter of state % (%)', NEW.call_index, NEW.state_id, next
+            USING ERRCODE = 'CX003';
+    END IF;
+    IF NEW.call_index IS NULL
+       OR (NEW.call_index < next AND EXISTS (
+               SELECT 1 FROM calls
+               WHERE state_id = NEW.state_id AND call_index = NEW.call_index)) THEN
+        NEW.call_index := next;
+    END IF;
+    IF NEW.call_index >= next THEN
+        UPDATE call_index_counters SET next_index = NEW.call_index + 1
+        WHERE state_id = NEW.state_id;
+    END IF;
+    RETURN NEW;
+END;
+$$
+""",
+    """
+CREATE OR REPLACE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response jsonb, p_response_hash text,
+    p_error jsonb, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response, response_hash = p_response_hash,
+        error = p_error, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
+    RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'CX004';
+    END IF;
+END;
+$$
+""",
+    """
+CREATE OR REPLACE FUNCTION callindex_finish_call(
+    p_call_id text, p_status text, p_response text, p_response_hash text,
+    p_error text, p_error_hash text, p_latency_ms double precision
+) RETURNS SETOF calls
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+BEGIN
+    IF p_status IS NULL OR p_status NOT IN ('success', 'error') THEN
+        RAISE EXCEPTION 'callindex_finish_call: status must be success or error, not %',
+            p_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- No row: the call is not pending (finished, abandoned or unknown).
+    RETURN QUERY
+    UPDATE calls
+    SET status = p_status, response = p_response::json, response_hash = p_response_hash,
+        error = p_error::json, error_hash = p_error_hash, latency_ms = p_latency_ms,
+        completed_at = now()
+    WHERE call_id = p_call_id AND status = 'pending'
+      AND (recorded_by IS NULL OR recorded_by = session_user)
+    RETURNING *;
+    IF NOT FOUND AND EXISTS (
+        SELECT 1 FROM calls WHERE call_id = p_call_id AND status = 'pending'
+    ) THEN
+        RAISE EXCEPTION 'callindex: call % was recorded by another role, and only that role '
+            'may finish it', p_call_id USING ERRCODE = 'CX004';
+    END IF;
+END;
+$$
+""",
+)
 
 
-def _postgresql_definitions() -> list[tuple[str, str]]:
-    """(earlier definition, this revision's) for each function whose code changes."""
+def _earlier_definitions() -> list[str]:
+    """The definitions these replace, for the downgrade (each revision's own)."""
     r4, r5, r6, r7 = (_revision(r) for r in ("0004", "0005", "0006", "0007"))
-    pairs = [
-        (r5.PG_GUARD_COUNTERS, "'CX001'", "'CX002'"),  # type: ignore[attr-defined]
-        (r6.PG_GUARD_NEW_COUNTER, "'CX001'", "'CX002'"),  # type: ignore[attr-defined]
-        (r7.PG_VOUCH_INDEX, "'CX001'", "'CX003'"),  # type: ignore[attr-defined]
-        (r4.NUMBER_CALL, "'numeric_value_out_of_range'", "'CX003'"),  # type: ignore[attr-defined]
-        (r4.FINISH_CALL, "'insufficient_privilege'", "'CX004'"),  # type: ignore[attr-defined]
-        (r6.PG_FINISH_CALL, "'insufficient_privilege'", "'CX004'"),  # type: ignore[attr-defined]
+    return [
+        definition.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+        for definition in (
+            r5.PG_GUARD_COUNTERS,  # type: ignore[attr-defined]
+            r6.PG_GUARD_NEW_COUNTER,  # type: ignore[attr-defined]
+            r7.PG_VOUCH_INDEX,  # type: ignore[attr-defined]
+            r4.NUMBER_CALL,  # type: ignore[attr-defined]
+            r4.FINISH_CALL,  # type: ignore[attr-defined]
+            r6.PG_FINISH_CALL,  # type: ignore[attr-defined]
+        )
     ]
-    definitions = []
-    for earlier, old_code, new_code in pairs:
-        assert f"ERRCODE = {old_code}" in earlier, "the earlier definition raises that code"
-        earlier = _replaceable(earlier)
-        definitions.append((earlier, earlier.replace(old_code, new_code)))
-    return definitions
 
 
 # CREATE OR REPLACE resets a function's settings: the SECURITY DEFINER ones
@@ -108,7 +268,7 @@ END
 
 def upgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
-        for _, definition in _postgresql_definitions():
+        for definition in PG_DEFINITIONS:
             op.execute(definition)
         op.execute(PG_PIN_DEFINERS)
         return
@@ -120,7 +280,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
-        for definition, _ in _postgresql_definitions():
+        for definition in _earlier_definitions():
             op.execute(definition)
         op.execute(PG_PIN_DEFINERS)
         return
