@@ -22,6 +22,9 @@ SELECT next_index,
 FROM call_index_counters
 WHERE state_id = :state_id;
 
+-- state_is_open --
+SELECT 1 FROM call_index_counters WHERE state_id = :state_id;
+
 -- calls_of_state --
 SELECT call_id, state_id, call_index, call_type, status,
        request, request_hash, response, response_hash, error, error_hash,

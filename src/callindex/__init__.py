@@ -1,55 +1,139 @@
-"""callindex: database-allocated call indices for audit trails of external calls."""
+"""callindex: database-allocated call indices for audit trails of external calls.
 
-from callindex.audit import Report
-from callindex.calls import Call, CallStatus, CallType
-from callindex.clients import (
-    AsyncAuditedHTTPClient,
-    AsyncAuditedLLMClient,
-    AuditedHTTPClient,
-    AuditedLLMClient,
-    AuditedTransport,
-    ChatResult,
-    Redactor,
-    Usage,
-)
-from callindex.errors import (
-    AdoptionError,
-    CallAlreadyFinishedError,
-    CallIdConflictError,
-    CallIndexError,
-    CallOwnedByAnotherRoleError,
-    CallRefusedError,
-    ConfigurationError,
-    ContentionError,
-    CounterBehindError,
-    CounterGuardError,
-    DatabaseError,
-    DatabaseUnavailableError,
-    ImmutableCallError,
-    IndexAheadError,
-    IndexNotReservedError,
-    IndexTakenError,
-    InvalidCallError,
-    InvalidCountError,
-    InvalidHeaderError,
-    InvalidInputError,
-    InvalidPayloadError,
-    InvalidStateIdError,
-    LLMContentFilteredError,
-    LLMError,
-    LLMMalformedCompletionError,
-    LLMRateLimitedError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    SchemaError,
-    SchemaMissingError,
-    SchemaVersionError,
-    UnknownCallError,
-    UnknownStateError,
-)
-from callindex.payloads import MAX_PAYLOAD_BYTES
-from callindex.recorder import CallRecorder
-from callindex.retry import DatabaseRetryPolicy, RetryPolicy
+The public names below are imported on first use, so that ``import callindex``
+(and the ``callindex`` command's ``--help``) does not load SQLAlchemy, psycopg
+and httpx until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from callindex.audit import Report
+    from callindex.calls import Call, CallStatus, CallType
+    from callindex.clients import (
+        AsyncAuditedHTTPClient,
+        AsyncAuditedLLMClient,
+        AuditedHTTPClient,
+        AuditedLLMClient,
+        AuditedTransport,
+        ChatResult,
+        Redactor,
+        Usage,
+    )
+    from callindex.errors import (
+        AdoptionError,
+        CallAlreadyFinishedError,
+        CallIdConflictError,
+        CallIndexError,
+        CallOwnedByAnotherRoleError,
+        CallRefusedError,
+        ConfigurationError,
+        ContentionError,
+        CounterBehindError,
+        CounterGuardError,
+        DatabaseError,
+        DatabaseUnavailableError,
+        ImmutableCallError,
+        IndexAheadError,
+        IndexNotReservedError,
+        IndexTakenError,
+        InvalidCallError,
+        InvalidCountError,
+        InvalidHeaderError,
+        InvalidInputError,
+        InvalidPayloadError,
+        InvalidStateIdError,
+        LLMContentFilteredError,
+        LLMError,
+        LLMMalformedCompletionError,
+        LLMRateLimitedError,
+        PayloadTooLargeError,
+        PermissionDeniedError,
+        SchemaError,
+        SchemaMissingError,
+        SchemaVersionError,
+        UnknownCallError,
+        UnknownStateError,
+    )
+    from callindex.payloads import MAX_PAYLOAD_BYTES
+    from callindex.recorder import CallRecorder
+    from callindex.retry import DatabaseRetryPolicy, RetryPolicy
+
+_ERRORS = [
+    "AdoptionError",
+    "CallAlreadyFinishedError",
+    "CallIdConflictError",
+    "CallIndexError",
+    "CallOwnedByAnotherRoleError",
+    "CallRefusedError",
+    "ConfigurationError",
+    "ContentionError",
+    "CounterBehindError",
+    "CounterGuardError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
+    "ImmutableCallError",
+    "IndexAheadError",
+    "IndexNotReservedError",
+    "IndexTakenError",
+    "InvalidCallError",
+    "InvalidCountError",
+    "InvalidHeaderError",
+    "InvalidInputError",
+    "InvalidPayloadError",
+    "InvalidStateIdError",
+    "LLMContentFilteredError",
+    "LLMError",
+    "LLMMalformedCompletionError",
+    "LLMRateLimitedError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "SchemaError",
+    "SchemaMissingError",
+    "SchemaVersionError",
+    "UnknownCallError",
+    "UnknownStateError",
+]
+_CLIENTS = [
+    "AsyncAuditedHTTPClient",
+    "AsyncAuditedLLMClient",
+    "AuditedHTTPClient",
+    "AuditedLLMClient",
+    "AuditedTransport",
+    "ChatResult",
+    "Redactor",
+    "Usage",
+]
+# Where each public name lives.
+_MODULES: dict[str, str] = {
+    **dict.fromkeys(_ERRORS, "callindex.errors"),
+    **dict.fromkeys(_CLIENTS, "callindex.clients"),
+    "Report": "callindex.audit",
+    "Call": "callindex.calls",
+    "CallStatus": "callindex.calls",
+    "CallType": "callindex.calls",
+    "MAX_PAYLOAD_BYTES": "callindex.payloads",
+    "CallRecorder": "callindex.recorder",
+    "DatabaseRetryPolicy": "callindex.retry",
+    "RetryPolicy": "callindex.retry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'callindex' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",

@@ -316,6 +316,10 @@ def find(statements: Statements, call_id: str) -> Call | None:
     return Call.from_row(rows[0]) if rows else None
 
 
+def state_is_open(statements: Statements, state_id: str) -> bool:
+    return bool(statements.rows("state_is_open", {"state_id": state_id}))
+
+
 def of_state(statements: Statements, state_id: str) -> list[Call]:
     return [Call.from_row(row) for row in statements.rows("calls_of_state", {"state_id": state_id})]
 

@@ -192,6 +192,11 @@ class CallRecorder:
         state_id = allocator.validate_state_id(state_id)
         return self._db.read(lambda statements: calls.of_state(statements, state_id))
 
+    def is_open(self, state_id: str) -> bool:
+        """Whether ``state_id`` has been opened (it has a counter)."""
+        state_id = allocator.validate_state_id(state_id)
+        return self._db.read(lambda statements: calls.state_is_open(statements, state_id))
+
     def calls_with_request_hash(
         self, request_hash: str, *, call_type: CallType | None = None
     ) -> list[Call]:

@@ -28,7 +28,6 @@ import httpx
 from tenacity import (
     RetryCallState,
     Retrying,
-    before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -94,13 +93,7 @@ class DatabaseRetryPolicy:
             if self.max_attempts == 1 or remaining <= 0:
                 raise
             wait = min(random.uniform(0, self.initial_wait), remaining)
-            logger.warning(
-                "Retrying %s in %.3f seconds as it raised %s: %s",
-                getattr(operation, "__qualname__", "the operation"),
-                wait,
-                type(error).__name__,
-                error,
-            )
+            logger.warning(retry_line(wait, 2, self.max_attempts, str(error)))
             time.sleep(wait)
         # The policy's time counts from the first attempt.
         remaining = max(self.max_seconds - (time.monotonic() - started), 0.0)
@@ -118,7 +111,8 @@ class DatabaseRetryPolicy:
             retry=retry_if_exception_type(_RETRYABLE),
             wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
             stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.max_seconds),
-            before_sleep=before_sleep_log(logger, logging.WARNING),
+            # Tenacity's attempt 1 is the policy's attempt 2 (the first ran outside).
+            before_sleep=log_retry(logger, self.max_attempts, first_attempt=2),
             reraise=True,
         )
 
@@ -243,27 +237,36 @@ class RetryPolicy:
                 cap=self.max_retry_after,
             ),
             "stop": stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_seconds),
-            "before_sleep": before_sleep_redacted(http_logger, redact),
+            "before_sleep": log_retry(http_logger, self.max_attempts, redact=redact),
             "retry_error_callback": _last_response_or_raise,
         }
 
 
-def before_sleep_redacted(
-    logger: logging.Logger, redact: Callable[[str], str]
+def retry_line(sleep: float, next_attempt: int, max_attempts: int, reason: str) -> str:
+    """The one line logged before a retry:
+    ``retrying in 0.4 s (2/12): cannot reach the database ...``."""
+    lines = reason.strip().splitlines()
+    return (
+        f"retrying in {sleep:.1f} s ({next_attempt}/{max_attempts}): {lines[0] if lines else '?'}"
+    )
+
+
+def log_retry(
+    logger: logging.Logger,
+    max_attempts: int,
+    *,
+    first_attempt: int = 1,
+    redact: Callable[[str], str] = str,
 ) -> Callable[[RetryCallState], None]:
-    """Like tenacity's ``before_sleep_log`` at WARNING, with the error text
-    passed through ``redact`` first (it may quote a request's secrets)."""
+    """A tenacity ``before_sleep`` that logs :func:`retry_line` at WARNING, the
+    error text passed through ``redact`` first (it may quote a request's
+    secrets). ``first_attempt`` is the number of tenacity's first attempt."""
 
     def log(retry_state: RetryCallState) -> None:
         error = retry_state.outcome.exception() if retry_state.outcome else None
         sleep = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        logger.warning(
-            "attempt %d failed (%s: %s); retrying in %.2f s",
-            retry_state.attempt_number,
-            type(error).__name__,
-            redact(str(error)),
-            sleep,
-        )
+        next_attempt = retry_state.attempt_number + first_attempt
+        logger.warning(retry_line(sleep, next_attempt, max_attempts, redact(str(error))))
 
     return log
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from sqlalchemy import URL, exc, make_url
-
 from callindex.errors import ConfigurationError
-from callindex.redaction import is_sensitive
+
+if TYPE_CHECKING:
+    from sqlalchemy import URL
 
 DEFAULT_URL: Final = "sqlite:///callindex.db"
 URL_ENVIRONMENT_VARIABLE: Final = "CALLINDEX_DATABASE_URL"
@@ -17,6 +17,8 @@ URL_ENVIRONMENT_VARIABLE: Final = "CALLINDEX_DATABASE_URL"
 
 def display_url(url: URL) -> str:
     """``url`` for messages and logs: no password, no secret query values."""
+    from callindex.redaction import is_sensitive
+
     query = {k: ("***" if is_sensitive(k) else v) for k, v in url.query.items()}
     return url.set(query=query).render_as_string(hide_password=True)
 
@@ -27,6 +29,9 @@ def parse_url(url: str | URL) -> URL:
     ``postgresql://`` and ``postgres://`` select psycopg 3; only the
     ``postgresql+psycopg`` and ``sqlite``/``sqlite+pysqlite`` forms are accepted.
     """
+    # Imported here: the command line reads this module's constants at start-up.
+    from sqlalchemy import exc, make_url
+
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018  (a non-numeric port raises here)

@@ -1,0 +1,200 @@
+"""The trail's subcommands: open states, allocate, list calls, verify, sweep, repair."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import click
+
+from callindex.cli.common import (
+    database_option,
+    duration,
+    printable,
+    recorder,
+    shown,
+    stderr,
+    stdout,
+)
+
+if TYPE_CHECKING:
+    from callindex.audit import Report
+
+
+@click.group()
+@database_option
+def state() -> None:
+    """Manage node states."""
+
+
+@state.command("open")
+@database_option
+@click.argument("state_id", metavar="STATE")
+@click.pass_context
+def state_open(ctx: click.Context, state_id: str) -> None:
+    """Register STATE so indices can be allocated for it (idempotent)."""
+    with recorder(ctx) as opened:
+        opened.open_state(state_id)
+
+
+@click.command()
+@database_option
+@click.argument("state_id", metavar="STATE")
+@click.option("--count", default=1, show_default=True, help="How many consecutive indices.")
+@click.pass_context
+def allocate(ctx: click.Context, state_id: str, count: int) -> None:
+    """Reserve indices of STATE and print the first, as a bare integer."""
+    with recorder(ctx) as opened:
+        click.echo(opened.allocate_call_index(state_id, count))
+
+
+@click.command("calls")
+@database_option
+@click.argument("state_id", metavar="STATE")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def calls_command(ctx: click.Context, state_id: str, as_json: bool) -> None:
+    """List the calls of STATE in index order."""
+    with recorder(ctx) as opened:
+        recorded = opened.calls(state_id)
+        if not recorded and not opened.is_open(state_id):
+            from callindex.errors import UnknownStateError
+
+            raise UnknownStateError(state_id)
+    if as_json:
+        click.echo(json.dumps([call.as_json() for call in recorded], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("index", "type", "status", "latency ms", "created", "call id")
+    for call in recorded:
+        latency = "" if call.latency_ms is None else f"{call.latency_ms:.1f}"
+        table.add_row(
+            str(call.call_index),
+            shown(call.call_type),
+            shown(call.status),
+            latency,
+            call.created_at.isoformat(timespec="milliseconds"),
+            shown(call.call_id),
+        )
+    stdout().print(table)
+
+
+@click.command()
+@database_option
+@click.option(
+    "--pending-older-than",
+    metavar="DURATION",
+    callback=duration,
+    default="15m",
+    show_default=True,
+    help="Report pending calls at least this old (90s, 15m, 2h).",
+)
+@click.option(
+    "--hashes",
+    is_flag=True,
+    help="Also recompute every payload hash from the stored payload (reads every call).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, pending_older_than: float, hashes: bool, as_json: bool) -> None:
+    """Check the audit trail's invariants; exit 1 on a violation."""
+    with recorder(ctx) as opened:
+        report = opened.verify(pending_older_than, hashes=hashes)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_report(report)
+    if not report.ok:
+        ctx.exit(1)
+
+
+def _print_report(report: Report) -> None:
+    from callindex.audit import GAP_CAUSE
+
+    console = stdout()
+    statuses = ", ".join(f"{n} {shown(s)}" for s, n in sorted(report.calls_by_status.items()))
+    console.print(f"{report.states} states; calls: {statuses or 'none'}")
+    checks = [
+        ("duplicate (state, index) pairs", report.duplicates, True),
+        ("counters behind their calls (run `callindex repair`)", report.counters_behind, True),
+        ("gaps between recorded calls", report.gaps, False),
+        ("reserved indices above the last call", report.unused_reservations, False),
+        (
+            f"pending calls older than {report.pending_threshold_seconds:g}s "
+            "(run `callindex sweep`)",
+            report.stale_pending,
+            False,
+        ),
+    ]
+    if report.hashes_checked is not None:
+        schemes = ", ".join(f"{n} {s}" for s, n in sorted(report.hashes_checked.items()))
+        checks[2:2] = [
+            (
+                f"payload hashes that differ ({schemes or 'none'} checked)",
+                report.hash_mismatches,
+                True,
+            ),
+            (
+                "hashes of rows recorded before 0.2 that differ "
+                "(jsonb may have rewritten their numbers)",
+                report.legacy_hash_mismatches,
+                False,
+            ),
+        ]
+    for label, found, violation in checks:
+        mark = (
+            "[red]FAIL[/]"
+            if found and violation
+            else "[yellow]note[/]"
+            if found
+            else "[green]ok[/]"
+        )
+        console.print(f"{mark}  {len(found)} {label}")
+        for item in found[:10]:
+            console.print("      " + ", ".join(f"{k}={shown(v)}" for k, v in item.items()))
+        if len(found) > 10:
+            console.print(f"      ... and {len(found) - 10} more (use --json for all)")
+    if report.gaps or report.unused_reservations:
+        console.print(f"gaps: {GAP_CAUSE}")
+    console.print("[green]verify: ok[/]" if report.ok else "[red]verify: FAILED[/]")
+
+
+@click.command()
+@database_option
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    callback=duration,
+    required=True,
+    help="Age of pending calls to abandon (90s, 15m, 2h).",
+)
+@click.option(
+    "--state-prefix",
+    default="",
+    metavar="PREFIX",
+    help="Only calls of states whose id starts with PREFIX.",
+)
+@click.pass_context
+def sweep(ctx: click.Context, older_than: float, state_prefix: str) -> None:
+    """Mark pending calls at least DURATION old as abandoned (their worker died)."""
+    with recorder(ctx) as opened:
+        swept = opened.sweep(older_than, state_prefix=state_prefix)
+    for call in swept:
+        click.echo(
+            f"abandoned {printable(call['state_id'])}#{call['call_index']} "
+            f"({printable(call['call_id'])})"
+        )
+    stderr().print(f"{len(swept)} pending calls marked abandoned")
+
+
+@click.command()
+@database_option
+@click.pass_context
+def repair(ctx: click.Context) -> None:
+    """Move counters that are behind their calls past the highest recorded index."""
+    with recorder(ctx) as opened:
+        moved = opened.repair()
+    for state in moved:
+        click.echo(f"{printable(state['state_id'])}: next_index is now {state['next_index']}")
+    stderr().print(f"{len(moved)} counters repaired")
