@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,110 @@ class TestAuditCommands:
         result = run("--db", sqlite_url, "sweep", "--older-than", duration)
         assert result.exit_code == 2
         assert "not a duration" in result.stderr
+
+
+class TestTheCommandLineFeelsFinished:
+    def test_db_may_come_before_or_after_the_subcommand(self, sqlite_url: str) -> None:
+        assert run("state", "open", "s1", "--db", sqlite_url).exit_code == 0
+        assert run("allocate", "s1", "--db", sqlite_url).stdout == "0\n"
+        assert run("--db", sqlite_url, "allocate", "s1").stdout == "1\n"
+        assert run("db", "current", "--db", sqlite_url).stdout.startswith(
+            migrations.head_revision()
+        )
+        assert run("db", "--db", sqlite_url, "check").exit_code == 0
+
+    def test_version(self) -> None:
+        from importlib.metadata import version
+
+        result = run("--version")
+        assert (result.exit_code, result.stdout) == (
+            0,
+            f"callindex, version {version('callindex')}\n",
+        )
+
+    @pytest.mark.parametrize(
+        "args", [["--help"], ["--version"], ["db", "--help"], ["verify", "--help"]]
+    )
+    def test_help_and_version_load_no_database_stack(self, args: list[str]) -> None:
+        """Listing commands imports every subcommand module: none may import
+        SQLAlchemy, psycopg, alembic or httpx at module level."""
+        script = (
+            "import sys\n"
+            "from callindex.cli import cli\n"
+            f"code = cli.main({args!r}, prog_name='callindex', standalone_mode=False)\n"
+            "heavy = sorted(m for m in ('sqlalchemy', 'psycopg', 'alembic', 'httpx', 'rich')\n"
+            "               if m in sys.modules)\n"
+            "print('loaded:', heavy)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        )
+        assert done.stdout.splitlines()[-1] == "loaded: []", done.stdout
+
+    def test_an_unknown_state_exits_1_everywhere(self, sqlite_url: str) -> None:
+        for args in (["allocate", "nope"], ["calls", "nope"], ["calls", "nope", "--json"]):
+            result = run("--db", sqlite_url, *args)
+            assert result.exit_code == 1, args
+            assert "unknown state 'nope'" in result.stderr
+        run("--db", sqlite_url, "state", "open", "empty")
+        assert run("--db", sqlite_url, "calls", "empty", "--json").stdout == "[]\n"
+
+    def test_a_bad_url_from_the_environment_names_the_variable(self) -> None:
+        result = run("allocate", "s1", env={"CALLINDEX_DATABASE_URL": "nonsense"})
+        assert result.exit_code == 1
+        assert "$CALLINDEX_DATABASE_URL: not a database URL" in result.stderr
+        given = run("--db", "nonsense", "allocate", "s1")
+        assert "CALLINDEX_DATABASE_URL" not in given.stderr
+
+    def test_stored_values_cannot_forge_output(self, sqlite_url: str) -> None:
+        """A state id with a newline and an escape sequence is printed escaped:
+        it cannot start a line of its own, colour the terminal or inject markup."""
+        from callindex import CallRecorder
+
+        forged = "s\nverify: ok\x1b[2K[green]ok[/]"
+        with CallRecorder(sqlite_url) as recorder:
+            recorder.open_state(forged)
+            recorder.begin_call(forged, "http", {})
+        insert_bypassing_the_counter(sqlite_url, "rogue", forged, 5)
+        outputs = [
+            run("--db", sqlite_url, "verify", "--pending-older-than", "0s"),
+            run("--db", sqlite_url, "calls", forged),
+            run("--db", sqlite_url, "sweep", "--older-than", "0s"),
+            run("--db", sqlite_url, "repair"),
+        ]
+        assert outputs[0].exit_code == 1
+        for result in outputs:
+            assert "\x1b" not in result.output
+            assert "verify: ok" not in [line.strip() for line in result.output.splitlines()]
+        assert "s\\nverify: ok\\x1b[2K" in outputs[3].stdout
+
+    def test_adopt_shows_the_librarys_defaults(self) -> None:
+        from callindex import adoption, audit
+        from callindex.cli.schema import db_adopt
+
+        defaults = {param.name: param.default for param in db_adopt.params}
+        assert defaults["batch_states"] == adoption.DEFAULT_BATCH_STATES
+        assert isinstance(defaults["lock_timeout"], str)
+        assert audit.parse_duration(defaults["lock_timeout"]) == (
+            adoption.DEFAULT_LOCK_TIMEOUT_SECONDS
+        )
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """The console script turns an interrupt into one line and exit code 130."""
+    executable = shutil.which("callindex", path=str(Path(sys.executable).parent))
+    assert executable
+    process = subprocess.Popen(
+        [executable, "--db", "postgresql+psycopg://nobody@127.0.0.1:1/x", "allocate", "s1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    time.sleep(1.5)  # connecting, then retrying the refused connection
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "callindex: interrupted"
+    assert "Traceback" not in stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -122,6 +124,22 @@ class TestRetries:
         assert [c.status for c in recorded] == ["error"] * 4 + ["success"]
         assert recorded[2].error["type"] == "RemoteProtocolError"
         assert recorded[2].response is None
+
+    def test_each_retry_logs_one_concise_line(
+        self, opened: CallRecorder, api: LoopbackAPI, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        api.plan(Reply(503), Reply(429, {"retry-after-ms": "100"}))
+        policy = RetryPolicy(max_attempts=4, initial_wait=0.01, max_wait=0.02)
+        with (
+            caplog.at_level(logging.DEBUG, logger="callindex.http"),
+            AuditedHTTPClient(opened, "s1", base_url=api.url, retry=policy) as http,
+        ):
+            assert http.get("/items/1").status_code == 200
+        lines = [r.getMessage() for r in caplog.records if r.name == "callindex.http"]
+        retries = [line for line in lines if line.startswith("retrying")]
+        assert len(retries) == 2, lines
+        assert re.fullmatch(r"retrying in 0\.0 s \(2/4\): HTTP 503", retries[0])
+        assert re.fullmatch(r"retrying in 0\.1 s \(3/4\): HTTP 429", retries[1])
 
     def test_attempts_are_bounded_and_the_last_response_returned(
         self, opened: CallRecorder, api: LoopbackAPI

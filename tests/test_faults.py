@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -191,6 +192,13 @@ def test_an_unreachable_database_is_retried_boundedly_then_reported(
     retries = [r for r in caplog.records if r.name == "callindex.retry"]
     assert len(retries) == 3  # four attempts, a logged sleep before each retry
     assert all("hunter2-secret" not in r.getMessage() for r in retries)
+    # One concise line each: "retrying in 0.1 s (2/4): cannot reach the database ..."
+    lines = [
+        re.fullmatch(r"retrying in \d+\.\d s \((\d)/4\): (.*)", r.getMessage()) for r in retries
+    ]
+    assert all(lines), [r.getMessage() for r in retries]
+    assert [int(m[1]) for m in lines if m] == [2, 3, 4]
+    assert all(m[2].startswith("cannot reach the database") for m in lines if m)
 
 
 class TestSQLiteFileLockedByAnotherProcess:
