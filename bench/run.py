@@ -1,49 +1,42 @@
 """callindex benchmark: every strategy side by side, in one run, on one database.
 
-    python bench/run.py --db postgresql+psycopg://root@127.0.0.1/bench [--workers 1,2,4,8]
-        [--repeats 5] [--operations 300] [--json] [--plot throughput.png]
-
-(`callindex bench` runs this script.) For each strategy, number of worker
-processes and mode (``hot``: all workers on one state; ``distinct``: one state
-each) it keeps the median throughput of ``--repeats`` runs. The repeats
-alternate: every combination runs once before any runs again, so a noisy
-moment of a shared machine is spread over all strategies. Every run's indices
-are checked: no duplicate (state, index), and for callindex exactly 0..N-1 per
-state. Each worker also measures its client CPU time (``time.process_time``).
-Then it prints the ratios the performance targets are stated in, and measures
-the audited HTTP client against plain httpx and a worker's memory over many
-distinct states.
+``callindex bench`` declares and validates the options and calls :func:`run`
+here with them; ``python bench/run.py ARGS`` is ``callindex bench ARGS``. For
+each strategy, number of worker processes and mode (``hot``: all workers on
+one state; ``distinct``: one state each) it keeps the median throughput of
+``repeats`` runs. The repeats alternate: every combination runs once before
+any runs again, so a noisy moment of a shared machine is spread over all
+strategies. Every run's indices are checked: no duplicate (state, index), and
+for callindex exactly 0..N-1 per state. Each worker also measures its client
+CPU time (``time.process_time``). The report holds the ratios the performance
+targets are stated in, and measures the audited HTTP client against plain
+httpx and a worker's memory over many distinct states.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from strategies import (
-    POSTGRESQL_ONLY,
-    STRATEGIES,
-    Job,
-    django_sequences_available,
-    prepare,
-    setup_django,
-)
+from sqlalchemy import make_url
+from strategies import STRATEGIES, Job, prepare, setup_django
 
 from callindex import AuditedHTTPClient, CallRecorder
 from callindex.loopback import LoopbackAPI
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from rich.console import Console
+    from rich.table import Table
 
 SPAWN = multiprocessing.get_context("spawn")
 CALLINDEX = frozenset(
@@ -341,109 +334,113 @@ def trigger_cost(measurements: list[Measurement]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="callindex benchmark")
-    parser.add_argument(
-        "--db", default=os.environ.get("CALLINDEX_DATABASE_URL", "sqlite:///callindex-bench.db")
-    )
-    parser.add_argument("--workers", default="1,2,4,8")
-    parser.add_argument("--modes", default="hot,distinct")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--operations", type=int, default=300, help="per worker and run")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-states", type=int, default=100_000)
-    parser.add_argument("--http-calls", type=int, default=200)
-    parser.add_argument("--json", action="store_true", help="print JSON only")
-    parser.add_argument("--plot", metavar="FILE.png")
-    parser.add_argument("--save", metavar="FILE.json", help="also write the JSON report here")
-    parser.add_argument(
-        "--markdown", metavar="FILE.md", help="also write the tables as Markdown here"
-    )
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Options:
+    """One benchmark, as ``callindex bench`` validated it (its options are declared there)."""
 
-    url = args.db
-    backend = "postgresql" if url.startswith("postgres") else "sqlite"
-    CallRecorder(url).upgrade()
-    workers = [int(w) for w in args.workers.split(",")]
-    strategies = [s for s in args.strategies.split(",") if s]
-    if backend != "postgresql":
-        strategies = [s for s in strategies if s not in POSTGRESQL_ONLY]
-    if "django_sequences" in strategies:
-        if django_sequences_available():
-            setup_django(url)
-            from django.core.management import call_command
+    url: str
+    workers: tuple[int, ...]
+    modes: tuple[str, ...]
+    strategies: tuple[str, ...]
+    operations: int
+    repeats: int
+    memory_states: int
+    http_calls: int
+    log: Callable[[str], None]
 
-            call_command("migrate", "sequences", verbosity=0)
-        else:
-            strategies.remove("django_sequences")
-            print(
-                "django-sequences not installed: skipped (pip install 'callindex[bench]')",
-                file=sys.stderr,
-            )
-    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    pool = Pool(max(workers))
-    measurements = [
-        Measurement(strategy, mode, count)
-        for strategy in strategies
-        for mode in args.modes.split(",")
-        for count in workers
-    ]
-    try:
-        for repeat in range(1, args.repeats + 1):
-            for m in measurements:
-                measure_once(pool, url, m, args.operations)
-                log(
-                    f"{repeat}/{args.repeats} {m.strategy:>18} {m.mode:>8} {m.workers} workers: "
-                    f"{m.runs[-1]:12,.0f}/s, {m.cpu_us[-1]:6.0f} µs CPU per operation"
-                )
-    finally:
-        pool.close()
+
+def run(options: Options) -> dict[str, Any]:
+    """Measure every combination of ``options`` and return the report."""
+    url = options.url
+    backend = make_url(url).get_backend_name()
+    with CallRecorder(url) as recorder:
+        recorder.upgrade()
+    if "django_sequences" in options.strategies:
+        migrate_django_sequences(url)
+    measurements = measure(options)
     report: dict[str, Any] = {
         "database": backend,
-        "operations_per_worker": args.operations,
-        "repeats": args.repeats,
+        "operations_per_worker": options.operations,
+        "repeats": options.repeats,
         "measurements": [
             asdict(m) | {"median": m.median, "median_cpu_us": m.median_cpu_us} for m in measurements
         ],
         "ratios": ratios(measurements, backend),
         "trigger_cost": trigger_cost(measurements),
     }
-    if args.http_calls:
-        report["http"] = http_overhead(url, args.http_calls)
+    if options.http_calls:
+        report["http"] = http_overhead(url, options.http_calls)
         report["ratios"].append(
             _row("audited GET: added ms over plain httpx (p50)", report["http"]["added_ms"],
                  1.0, at_least=False)
         )  # fmt: skip
-    if args.memory_states:
-        report["memory"] = memory_growth(url, args.memory_states)
-    if args.save:
-        Path(args.save).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(report), encoding="utf-8")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report, measurements, workers)
-    if args.plot:
-        plot(measurements, args.plot)
-    return 0
+    if options.memory_states:
+        report["memory"] = memory_growth(url, options.memory_states)
+    return report
+
+
+def migrate_django_sequences(url: str) -> None:
+    setup_django(url)
+    from django.core.management import call_command
+
+    call_command("migrate", "sequences", verbosity=0)
+
+
+def measure(options: Options) -> list[Measurement]:
+    """Every (strategy, mode, workers) combination, run ``options.repeats`` times."""
+    measurements = [
+        Measurement(strategy, mode, count)
+        for strategy in options.strategies
+        for mode in options.modes
+        for count in options.workers
+    ]
+    pool = Pool(max(options.workers))
+    try:
+        for repeat in range(1, options.repeats + 1):
+            for m in measurements:
+                measure_once(pool, options.url, m, options.operations)
+                options.log(
+                    f"{repeat}/{options.repeats} {m.strategy:>18} {m.mode:>8} {m.workers} "
+                    f"workers: {m.runs[-1]:12,.0f}/s, {m.cpu_us[-1]:6.0f} µs CPU per operation"
+                )
+    finally:
+        pool.close()
+    return measurements
+
+
+Cells = dict[tuple[str, str, int], float]
+
+
+def _workers(report: dict[str, Any]) -> list[int]:
+    return sorted({m["workers"] for m in report["measurements"]})
+
+
+def _modes(report: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(m["mode"] for m in report["measurements"]))
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (strategy, mode) rows of the tables, in the order of STRATEGIES."""
+    return sorted(
+        {(m["strategy"], m["mode"]) for m in report["measurements"]},
+        key=lambda k: (list(STRATEGIES).index(k[0]), k[1]),
+    )
+
+
+def _cells(report: dict[str, Any], field: str) -> Cells:
+    return {(m["strategy"], m["mode"], m["workers"]): m[field] for m in report["measurements"]}
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables in Markdown: throughput, client CPU, the targets."""
-    measurements = report["measurements"]
-    workers = sorted({m["workers"] for m in measurements})
-    keys = sorted(
-        {(m["strategy"], m["mode"]) for m in measurements},
-        key=lambda k: (list(STRATEGIES).index(k[0]), k[1]),
-    )
+    workers = _workers(report)
     header = "| strategy | mode | " + " | ".join(f"{w} w" for w in workers) + " |"
     rule = "|---|---|" + "---:|" * len(workers)
 
     def grid(field: str) -> list[str]:
-        cells = {(m["strategy"], m["mode"], m["workers"]): m[field] for m in measurements}
+        cells = _cells(report, field)
         rows = [header, rule]
-        for strategy, mode in keys:
+        for strategy, mode in _rows(report):
             values = [cells.get((strategy, mode, w)) for w in workers]
             shown = ["-" if v is None else f"{v:,.0f}" for v in values]
             rows.append(f"| `{strategy}` | {mode} | " + " | ".join(shown) + " |")
@@ -462,99 +459,110 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_report(
-    report: dict[str, Any], measurements: list[Measurement], workers: list[int]
-) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    keys = sorted(
-        {(m.strategy, m.mode) for m in measurements},
-        key=lambda k: (list(STRATEGIES).index(k[0]), k[1]),
-    )
-
-    def grid(title: str, cells: dict[tuple[str, str, int], float]) -> Table:
-        table = Table(title=title)
-        table.add_column("strategy")
-        table.add_column("mode")
-        for count in workers:
-            table.add_column(f"{count}w", justify="right")
-        for strategy, mode in keys:
-            row = [cells.get((strategy, mode, c)) for c in workers]
-            table.add_row(strategy, mode, *["-" if v is None else f"{v:,.0f}" for v in row])
-        return table
-
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """The report as tables on ``console``: throughput, client CPU, the targets, the rest."""
     repeats = report["repeats"]
     console.print(
-        grid(
+        _grid(
+            report,
             f"median operations/s on {report['database']}, {repeats} alternating repeats",
-            {(m.strategy, m.mode, m.workers): m.median for m in measurements},
+            "median",
         )
     )
-    console.print(
-        grid(
-            "median client CPU µs per operation",
-            {(m.strategy, m.mode, m.workers): m.median_cpu_us for m in measurements},
-        )
-    )
-    targets = Table(title="targets (ratios from this run)")
+    console.print(_grid(report, "median client CPU µs per operation", "median_cpu_us"))
+    console.print(_targets(report))
+    for line in _notes(report):
+        console.print(line)
+
+
+def _grid(report: dict[str, Any], title: str, field: str) -> Table:
+    from rich.table import Table
+
+    workers = _workers(report)
+    cells = _cells(report, field)
+    table = Table(title=title)
+    table.add_column("strategy")
+    table.add_column("mode")
+    for count in workers:
+        table.add_column(f"{count}w", justify="right")
+    for strategy, mode in _rows(report):
+        row = [cells.get((strategy, mode, c)) for c in workers]
+        table.add_row(strategy, mode, *["-" if v is None else f"{v:,.0f}" for v in row])
+    return table
+
+
+def _targets(report: dict[str, Any]) -> Table:
+    from rich.table import Table
+
+    table = Table(title="targets (ratios from this run)")
     for column in ("ratio", "measured", "target", "met"):
-        targets.add_column(column)
+        table.add_column(column)
     for row in report["ratios"]:
         value = "-" if row["value"] is None else f"{row['value']:,.2f}"
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "n/a"}[row["met"]]
         bound = "≥" if row["at_least"] else "≤"
-        targets.add_row(row["ratio"], value, f"{bound} {row['target']:,}", met)
-    console.print(targets)
-    for row in report.get("trigger_cost", []):
-        console.print(
-            f"numbering trigger, {row['mode']}, {row['workers']}w: "
-            f"{row['with_trigger_per_s']:,.0f}/s vs {row['plain_per_s']:,.0f}/s without "
-            f"(ratio {row['ratio']:.2f}, +{row['added_us_per_insert']:.0f} µs per insert)"
-        )
+        table.add_row(row["ratio"], value, f"{bound} {row['target']:,}", met)
+    return table
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    """The trigger cost, HTTP overhead and memory growth, a line each."""
+    lines = [
+        f"numbering trigger, {row['mode']}, {row['workers']}w: "
+        f"{row['with_trigger_per_s']:,.0f}/s vs {row['plain_per_s']:,.0f}/s without "
+        f"(ratio {row['ratio']:.2f}, +{row['added_us_per_insert']:.0f} µs per insert)"
+        for row in report.get("trigger_cost", [])
+    ]
     if "http" in report:
         h = report["http"]
-        console.print(
+        lines.append(
             f"HTTP on loopback, median per GET: plain httpx {h['plain_ms']:.2f} ms, "
             f"audited {h['audited_ms']:.2f} ms, added {h['added_ms']:.2f} ms"
         )
     if "memory" in report:
         m = report["memory"]
         at_most = m[f"peak_mib_at_{m['states']}"]
-        console.print(
+        lines.append(
             f"worker peak RSS: {m['peak_mib_at_1000']:.1f} MiB after 1,000 states, "
             f"{at_most:.1f} MiB after {m['states']:,} "
             f"(growth {m['growth_mib']:.1f} MiB; target within 5 MB)"
         )
+    return lines
 
 
-def plot(measurements: list[Measurement], path: str) -> None:
-    try:
-        import matplotlib
+def figure(report: dict[str, Any]) -> Figure:
+    """Throughput against workers, one panel per mode; the x axis has a tick
+    at each measured worker count and nowhere else."""
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'callindex[bench]'") from None
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for axis, mode in zip(axes, ("hot", "distinct"), strict=True):
+    workers = _workers(report)
+    modes = _modes(report)
+    cells = _cells(report, "median")
+    drawn = Figure(figsize=(6 * len(modes), 4.5))
+    axes = drawn.subplots(1, len(modes), sharey=True, squeeze=False)[0]
+    for axis, mode in zip(axes, modes, strict=True):
         for strategy in STRATEGIES:
-            points = sorted(
-                (m.workers, m.median)
-                for m in measurements
-                if m.strategy == strategy and m.mode == mode
-            )
+            points = [
+                (w, cells[strategy, mode, w]) for w in workers if (strategy, mode, w) in cells
+            ]
             if points and strategy != "allocate_100":
                 axis.plot(*zip(*points, strict=True), marker="o", label=strategy)
         axis.set_title(f"{mode} state(s)")
         axis.set_xlabel("worker processes")
+        axis.set_xticks(workers, [str(w) for w in workers])
         axis.set_yscale("log")
     axes[0].set_ylabel("operations / s (median)")
-    axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axes[-1].legend(fontsize=8)
+    drawn.tight_layout()
+    return drawn
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    figure(report).savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from callindex.cli import main
+
+    sys.argv[1:1] = ["bench"]
+    main()

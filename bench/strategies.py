@@ -499,15 +499,8 @@ def setup_django(url: str) -> None:
         django.setup()
 
 
-def django_sequences_available() -> bool:
-    try:
-        import django  # noqa: F401
-        import sequences  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
+# Summaries and backends are declared with the options, in callindex/cli/bench.py (its
+# STRATEGIES lists these names in this order; tests/test_bench.py checks it).
 STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "bare_insert": bare_insert,
     "bare_insert_update": bare_insert_update,
@@ -525,13 +518,3 @@ STRATEGIES: dict[str, Callable[[Job], list[tuple[str, int]]]] = {
     "select_for_update": select_for_update,
     "django_sequences": django_sequences,
 }
-POSTGRESQL_ONLY = frozenset(
-    {
-        "nextval",
-        "max_plus_one",
-        "select_for_update",
-        "django_sequences",
-        "record_call_early",
-        "record_call_plain",
-    }
-)

@@ -293,13 +293,17 @@ class TestNeverWaitingWithoutABound:
 # Connection budget
 
 
-def _backends_of(url: str) -> int:
-    database = make_url(url).database
-    with psycopg.connect(_psycopg_dsn(url), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (database,),
-        ).fetchone()
+def _backends_of(url: str, monitor: psycopg.Connection[Any] | None = None) -> int:
+    """The server sessions of ``url``'s database, but ``monitor``'s (the
+    connection that asks: pass one to sample repeatedly, since a closed
+    connection's session lingers a moment and would be counted)."""
+    if monitor is None:
+        with psycopg.connect(_psycopg_dsn(url), autocommit=True) as conn:
+            return _backends_of(url, conn)
+    row = monitor.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (make_url(url).database,),
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -332,15 +336,16 @@ class TestConnectionBudget:
                     errors.append(error)
 
             threads = [threading.Thread(target=work, args=(recorders[n::20],)) for n in range(20)]
-            for thread in threads:
-                thread.start()
-            while any(thread.is_alive() for thread in threads):
-                peak = max(peak, _backends_of(postgresql_url))
-                time.sleep(0.01)
-            for thread in threads:
-                thread.join()
-            assert not errors, errors[:3]
-            peak = max(peak, _backends_of(postgresql_url))
+            with psycopg.connect(_psycopg_dsn(postgresql_url), autocommit=True) as monitor:
+                for thread in threads:
+                    thread.start()
+                while any(thread.is_alive() for thread in threads):
+                    peak = max(peak, _backends_of(postgresql_url, monitor))
+                    time.sleep(0.01)
+                for thread in threads:
+                    thread.join()
+                assert not errors, errors[:3]
+                peak = max(peak, _backends_of(postgresql_url, monitor))
             assert 1 <= peak <= 16  # 8 for writes, 8 for reads, shared by all 200
         finally:
             for recorder in recorders:
