@@ -59,3 +59,23 @@ def test_upgrade_with_refuses_a_connection_in_a_transaction(db_url: str) -> None
         with pytest.raises(ConfigurationError, match="outside a transaction"):
             migrations.upgrade_with(conn)
     engine.dispose()
+
+
+def test_a_relative_sqlite_file_is_the_one_meant_when_the_recorder_was_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorders of the same relative URL made in two folders use two files,
+    and a recorder keeps its file when the working folder changes."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    with CallRecorder("sqlite:///callindex.db") as in_first:
+        in_first.upgrade()
+        in_first.open_state("s")
+        monkeypatch.chdir(second)
+        assert in_first.allocate_call_index("s") == 0  # still the first folder's file
+        with CallRecorder("sqlite:///callindex.db") as in_second:
+            in_second.upgrade()
+            assert not in_second.is_open("s")
+    assert (first / "callindex.db").exists() and (second / "callindex.db").exists()

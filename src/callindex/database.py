@@ -32,7 +32,7 @@ from callindex.resources import queries
 from callindex.retry import DatabaseRetryPolicy
 from callindex.schema import calls as calls_table
 from callindex.translation import translated
-from callindex.urls import display_url, parse_url, sqlite_file
+from callindex.urls import anchored, display_url, parse_url, sqlite_file
 
 T = TypeVar("T")
 
@@ -149,8 +149,8 @@ def _acquire(
         parse_url(url_or_engine.url)  # refuses unsupported backends
         key: tuple[Any, ...] = ("engine", id(url_or_engine), attempt, early_release)
     else:
-        parsed = parse_url(url_or_engine)
-        key = (parsed.render_as_string(hide_password=False), attempt, early_release)
+        url_or_engine = anchored(parse_url(url_or_engine))
+        key = (url_or_engine.render_as_string(hide_password=False), attempt, early_release)
     with _SHARED_LOCK:
         if not _FORK_HANDLER_INSTALLED:
             os.register_at_fork(after_in_child=_forget_after_fork)

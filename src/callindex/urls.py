@@ -69,3 +69,15 @@ def sqlite_file(url: URL) -> Path:
     if name.startswith("file:"):
         name = unquote(name.removeprefix("file:"))
     return Path(name).expanduser().resolve()
+
+
+def anchored(url: URL) -> URL:
+    """``url`` with a relative SQLite file made absolute, so that every
+    connection of a recorder opens the file that was meant when the recorder
+    was made, whatever the working folder is later."""
+    if url.get_backend_name() != "sqlite":
+        return url
+    name = url.database or ""
+    if name.startswith("file:") or name in ("", ":memory:") or Path(name).is_absolute():
+        return url
+    return url.set(database=str(Path(name).expanduser().resolve()))
