@@ -30,6 +30,7 @@ class Strategy(NamedTuple):
     summary: str
     postgresql_only: bool = False
     needs: tuple[str, ...] = ()  # modules of the bench extra
+    package: str = ""  # what to install for them
 
 
 # Every strategy of bench/strategies.py, in the order the tables list them.
@@ -52,6 +53,7 @@ STRATEGIES: Final = {
         "django-sequences' get_next_value()",
         postgresql_only=True,
         needs=("django", "sequences"),
+        package="django-sequences",
     ),
 }
 
@@ -246,8 +248,8 @@ def _strategies(
             param_hint="'--strategies'",
         )
     for name in requested:
-        if missing := _missing(STRATEGIES[name].needs):
-            raise click.ClickException(f"{name} needs {missing}: {INSTALL}")
+        if _missing(STRATEGIES[name].needs):
+            raise click.ClickException(f"{name} needs {STRATEGIES[name].package}: {INSTALL}")
     return requested
 
 
@@ -256,23 +258,23 @@ def _default_strategies(backend: str) -> tuple[str, ...]:
     for name, strategy in STRATEGIES.items():
         if strategy.postgresql_only and backend != "postgresql":
             continue
-        if missing := _missing(strategy.needs):
-            click.echo(f"{name} skipped: {missing} is not installed ({INSTALL})", err=True)
+        if _missing(strategy.needs):
+            click.echo(f"{name} skipped: {strategy.package} is not installed ({INSTALL})", err=True)
             continue
         chosen.append(name)
     return tuple(chosen)
 
 
-def _missing(modules: tuple[str, ...]) -> str | None:
-    """The first of ``modules`` that cannot be imported."""
+def _missing(modules: tuple[str, ...]) -> bool:
+    """Whether any of ``modules`` cannot be imported."""
     import importlib
 
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError:
-            return "django-sequences" if module == "sequences" else module
-    return None
+            return True
+    return False
 
 
 def _check_plot(ctx: click.Context, path: Path) -> None:
