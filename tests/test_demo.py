@@ -6,7 +6,11 @@ indices are exactly 0..n-1 and carry both call types.
 
 from __future__ import annotations
 
+import multiprocessing
+import re
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,13 @@ from sqlalchemy import text
 from callindex import CallRecorder
 from callindex.cli import cli
 from callindex.demo import DemoConfig, Outcome, TrailRow, Verdict
-from callindex.demo.events import work_items
+from callindex.demo.events import AttemptStarted, ItemDone, kind_of, work_items
 from callindex.demo.legacy import LegacyCounters
+from callindex.demo.monitor import PhaseMonitor
+from callindex.demo.render import progress_detail, rate
 from callindex.demo.verdict import added_latency, find_gaps, percentile
+from callindex.demo.workers import Flags
+from callindex.loopback import LoopbackAPI
 
 SMALL = ("--workers", "2", "--states", "4", "--calls-per-state", "6")
 # --kill-one arms once every worker has sent its baseline calls and work is left:
@@ -176,6 +184,60 @@ def test_work_items_put_workers_together_on_each_state() -> None:
     ]
 
 
+def test_states_come_in_waves_of_as_many_states_as_workers() -> None:
+    items = list(work_items(["a", "b", "c"], 5, workers=2))
+    assert [state for state, _ in items] == [*"aaaabbbbab", *"ccccc"]
+    assert items[-5:] == [("c", n) for n in range(5)]
+
+
+# The live progress, from the workers' events
+
+
+@pytest.fixture
+def monitor() -> Iterator[PhaseMonitor]:
+    """The parent's view of a phase of 6 states x 10 calls by 2 workers, before any event."""
+    config = DemoConfig(workers=2, states=6, calls_per_state=10)
+    spawn = multiprocessing.get_context("spawn")
+    flags = Flags(start=spawn.Event(), baseline_over=spawn.Event(), stop=spawn.Event())
+    with LoopbackAPI() as api:
+        yield PhaseMonitor("callindex", config, {}, api, config.total_calls, flags)
+
+
+def _work_through(monitor: PhaseMonitor) -> Iterator[None]:
+    """Send ``monitor`` the events of each work item in turn, as 2 workers would;
+    yield after each item is done."""
+    config = monitor.config
+    state_ids = [f"s{i}" for i in range(config.states)]
+    for i, (state_id, n) in enumerate(work_items(state_ids, config.calls_per_state, 2)):
+        worker = 1 + i % 2
+        kind = kind_of(n)
+        monitor.handle(AttemptStarted(worker, state_id, n, kind, 1, time.monotonic()))
+        monitor.handle(ItemDone(worker, state_id, n, kind, f"{state_id}-{n}", 1, True, None))
+        yield
+
+
+def test_states_done_count_up_all_through_the_run(monitor: PhaseMonitor) -> None:
+    seen = []
+    for _ in _work_through(monitor):
+        seen.append((monitor.done, monitor.states_done))
+        assert f"states {monitor.states_done}/6 " in progress_detail(monitor, 6)
+    states_done = [states for _, states in seen]
+    assert states_done == sorted(states_done)
+    assert seen[-1] == (60, 6)
+    # A wave of 2 states is done every 20 calls, not every state at the very end.
+    assert [states for done, states in seen if done % 20 == 0] == [2, 4, 6]
+
+
+def test_the_live_rate_is_the_verdicts(monitor: PhaseMonitor) -> None:
+    for _ in _work_through(monitor):
+        time.sleep(0.001)
+    result = monitor.result({})
+    verdict = Verdict.from_trail([], result.outcomes, logical_calls=60, seconds=result.seconds)
+    assert monitor.calls_per_second is not None and monitor.calls_per_second > 0
+    assert verdict.calls_per_second == monitor.calls_per_second
+    assert rate(verdict.calls_per_second) in progress_detail(monitor, 6)
+
+
 def test_legacy_counters_collide_across_processes() -> None:
     """Two processes seeded from the same MAX hand out the same index: the old bug."""
     table: dict[str, int] = {}
@@ -271,7 +333,23 @@ def _assert_passed(result: Result, logical_calls: int = 24) -> dict[str, list[st
     assert table["verify"][0] == "ok"
     assert table["verdict"][0] == "PASS"
     assert "finished in" in result.stdout
+    _assert_progress_agrees(result.stderr, table, logical_calls)
     return table
+
+
+def _assert_progress_agrees(stderr: str, table: dict[str, list[str]], logical_calls: int) -> None:
+    """callindex's last progress line (printed once, stderr not being a terminal):
+    every call done (or killed) and every state, at the verdict's throughput."""
+    lines = [line for line in stderr.splitlines() if line.startswith("callindex ")]
+    assert len(lines) == 1, stderr
+    line = lines[0]
+    calls = re.search(r" (\d+)/(\d+) calls ", line)
+    killed = re.search(r" killed (\d+) ", line)
+    assert calls is not None and int(calls[2]) == logical_calls, line
+    assert int(calls[1]) + (int(killed[1]) if killed else 0) == logical_calls, line
+    states = re.search(r" states (\d+)/(\d+) ", line)
+    assert states is not None and states[1] == states[2], line
+    assert f" {table['throughput'][0]} " in line
 
 
 @pytest.fixture
@@ -280,6 +358,35 @@ def demo_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CALLINDEX_DATABASE_URL", raising=False)
     return tmp_path
+
+
+@pytest.mark.parametrize("given", ["--db before", "--db after", "environment"])
+def test_a_given_database_needs_yes(
+    given: str, sqlite_empty_url: str, demo_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Demo rows in a real trail could never be deleted: refused, nothing written."""
+    args = {
+        "--db before": ["--db", sqlite_empty_url, "demo", *SMALL],
+        "--db after": ["demo", *SMALL, "--db", sqlite_empty_url],
+        "environment": ["demo", *SMALL],
+    }[given]
+    if given == "environment":
+        monkeypatch.setenv("CALLINDEX_DATABASE_URL", sqlite_empty_url)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert "permanent" in message and "append-only" in message
+    assert "can never be deleted" in message and "--yes" in message
+    assert "Traceback" not in result.output
+    assert not Path(sqlite_empty_url.removeprefix("sqlite:///")).exists()
+    assert not list(demo_folder.iterdir())
+
+
+@pytest.mark.slow
+def test_a_given_database_with_yes_gets_the_demo(sqlite_url: str, demo_folder: Path) -> None:
+    table = _assert_passed(_demo("demo", *SMALL, "--db", sqlite_url, "--yes"))
+    assert len(_assert_trail(sqlite_url)) == int(table["attempts (rows)"][0])
+    assert not (demo_folder / "callindex-demo.db").exists()
 
 
 @pytest.mark.slow
@@ -294,7 +401,7 @@ def test_demo_on_a_fresh_sqlite_file(demo_folder: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_on_postgresql(postgresql_url: str, demo_folder: Path) -> None:
-    table = _assert_passed(_demo("--db", postgresql_url, "demo", *SMALL))
+    table = _assert_passed(_demo("--db", postgresql_url, "demo", "--yes", *SMALL))
     calls = _assert_trail(postgresql_url)
     assert len(calls) == int(table["attempts (rows)"][0])
     assert not list(demo_folder.iterdir())  # nothing written to the current folder
@@ -332,7 +439,7 @@ def test_shared_database_keeps_to_its_own_states(
         recorder.open_state("another-app")
         in_flight = recorder.begin_call("another-app", "http", {"url": "https://x"})
     monkeypatch.setenv("CALLINDEX_DATABASE_URL", sqlite_url)
-    result = _demo("demo", *KILLABLE, "--kill-one", "--legacy")
+    result = _demo("demo", "--yes", *KILLABLE, "--kill-one", "--legacy")
     table = _assert_passed(result, logical_calls=96)
     recorded, lost = int(table["calls recorded"][1]), int(table["lost calls"][1])
     assert recorded + lost + 1 == 96  # the killed call leaves no trace in the legacy table

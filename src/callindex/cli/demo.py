@@ -59,6 +59,12 @@ from callindex.cli.common import database_given, database_option, stdout, url
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fault draws.")
 @click.option("--kill-one", is_flag=True, help="SIGKILL one worker mid-call after a third.")
 @click.option("--legacy", is_flag=True, help="Replay the work with in-process counters too.")
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Write to the database given by --db or $CALLINDEX_DATABASE_URL: "
+    "its demo rows can never be deleted.",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -72,13 +78,24 @@ def demo(
     seed: int,
     kill_one: bool,
     legacy: bool,
+    yes: bool,
 ) -> None:
     """Show callindex at work: worker processes, a flaky loopback API, retries, a verdict.
 
     Without --db (and $CALLINDEX_DATABASE_URL) it uses a fresh SQLite file
-    callindex-demo.db in the current folder; with one, states of its own.
-    Exits 1 when an invariant of the audit trail fails.
+    callindex-demo.db in the current folder. Given a database, it needs --yes:
+    the audit trail is append-only, so the demo's rows stay there for good (in
+    states of its own). Exits 1 when an invariant of the audit trail fails,
+    130 on Ctrl-C.
     """
+    given = database_given(ctx)
+    if given and not yes:
+        raise click.UsageError(
+            "the demo's rows would be permanent in the database given by --db or "
+            "$CALLINDEX_DATABASE_URL: the audit trail is append-only, so they can never be "
+            "deleted. Pass --yes to write them there anyway, or give no database for a fresh "
+            "callindex-demo.db in the current folder."
+        )
     from rich.console import Console
 
     from callindex.demo import DemoConfig, run_demo
@@ -91,7 +108,6 @@ def demo(
         raise click.UsageError("--kill-one needs --workers 2 or more: the others finish the work")
     if workers is None:
         workers = max(os.cpu_count() or 1, 2 if kill_one else 1)
-    given = database_given(ctx)
     faults = Faults(
         rate_429=fault_rate_429,
         rate_503=fault_rate_503,
@@ -108,6 +124,7 @@ def demo(
         legacy=legacy,
         url=url(ctx) if given else None,
     )
-    # Progress and notes go to stderr, the verdict to stdout; neither is cut to 80 columns.
+    # The header and the verdict go to stdout, progress and notes to stderr; neither is
+    # cut to 80 columns.
     progress = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
     ctx.exit(run_demo(config, console=stdout(), progress_console=progress))

@@ -6,7 +6,8 @@ next to what in-process counters would have done.
 * :mod:`.events`: the work items and the events workers send;
 * :mod:`.workers`: the worker processes (callindex's and the legacy replay's);
 * :mod:`.legacy`: the old in-process counters and their table;
-* :mod:`.runner`: the orchestration; :mod:`.render`: what is printed.
+* :mod:`.runner`: the orchestration; :mod:`.render`: what is printed;
+* :mod:`.interrupts`: Ctrl-C, handled by the parent alone.
 """
 
 from callindex.demo.runner import DEFAULT_FAULTS, DemoConfig, run_demo

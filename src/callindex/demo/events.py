@@ -21,18 +21,22 @@ def kind_of(n: int) -> Kind:
 
 
 def work_items(state_ids: Sequence[str], calls_per_state: int, workers: int) -> Iterator[WorkItem]:
-    """Every ``(state_id, n)``, in blocks of ``2 * workers`` consecutive calls of
-    one state, the blocks of all states taking turns.
+    """Every ``(state_id, n)``, in waves of ``workers`` states; within a wave, in
+    blocks of ``2 * workers`` consecutive calls of one state, the wave's states
+    taking turns.
 
     All workers take calls of the same block at about the same time, so several
     processes, and both client types (n even and odd), work on one state at
-    once; and each state's calls are spread over the whole run.
+    once, with a few states under way together; and a wave is finished before
+    the next begins, so states are done all through the run, not all at its end.
     """
     block = 2 * workers
-    for start in range(0, calls_per_state, block):
-        for state_id in state_ids:
-            for n in range(start, min(start + block, calls_per_state)):
-                yield state_id, n
+    for first in range(0, len(state_ids), workers):
+        wave = state_ids[first : first + workers]
+        for start in range(0, calls_per_state, block):
+            for state_id in wave:
+                for n in range(start, min(start + block, calls_per_state)):
+                    yield state_id, n
 
 
 @dataclass(frozen=True)

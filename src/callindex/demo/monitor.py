@@ -29,7 +29,7 @@ from callindex.demo.events import (
     Kind,
     Ready,
 )
-from callindex.demo.verdict import Outcome
+from callindex.demo.verdict import Outcome, calls_per_second
 from callindex.loopback import LoopbackAPI, Reply
 
 if TYPE_CHECKING:
@@ -113,10 +113,16 @@ class PhaseMonitor:
         return self.attempts - self.taken
 
     @property
-    def calls_per_second(self) -> float:
-        if self.first_start is None:
+    def seconds(self) -> float:
+        """From the first request to the last call finished: the verdict's clock."""
+        if self.first_start is None or self.last_done is None:
             return 0.0
-        return self.done / max(time.monotonic() - self.first_start, 1e-9)
+        return self.last_done - self.first_start
+
+    @property
+    def calls_per_second(self) -> float | None:
+        """The verdict's throughput, so far: the same calls over the same clock."""
+        return calls_per_second(len(self.outcomes), self.seconds)
 
     # Following the workers
 
@@ -275,18 +281,13 @@ class PhaseMonitor:
         for baseline in self.baselines.values():
             for kind, values in baseline.samples.items():
                 baselines.setdefault(kind, []).extend(values)
-        seconds = (
-            self.last_done - self.first_start
-            if self.first_start is not None and self.last_done is not None
-            else 0.0
-        )
         return PhaseResult(
             outcomes=self.outcomes,
             latency_samples=self.latency_samples,
             baselines=baselines,
             killed=self.killed,
             problems=self.problems,
-            seconds=seconds,
+            seconds=self.seconds,
             shared_states=len(self.shared_states),
             mixed_states=len(self.mixed_states),
             server_stats=server_stats,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +24,12 @@ from callindex.demo.verdict import Verdict
 if TYPE_CHECKING:
     from callindex.demo.monitor import PhaseMonitor
     from callindex.demo.runner import DemoConfig, Side
+
+
+LATENCY_NOTE: Final = (
+    "added latency: each attempt of an audited call costs two durable database writes, "
+    "begin (the pending call) and finish (its outcome)"
+)
 
 
 def header(console: Console, config: DemoConfig, database: str) -> None:
@@ -70,18 +76,30 @@ class PhaseProgress:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        if interrupted and not self._progress.console.is_terminal:
+            # Where nothing was shown live (a log, a pipe), Ctrl-C adds no last
+            # progress line, nor the blank line after it: only "interrupted".
+            self._progress.live.transient = True
+            self._progress.live.stop()
+        else:
+            self._progress.stop()
 
     def update(self, monitor: PhaseMonitor) -> None:
-        killed = f" · killed {len(monitor.killed)}" if monitor.killed else ""
-        detail = (
-            f"states {monitor.states_done}/{self._states} · retries {monitor.retries} · "
-            f"errors {monitor.errors}{killed} · {monitor.calls_per_second:.0f} calls/s"
-        )
+        detail = progress_detail(monitor, self._states)
         self._progress.update(self._task, completed=monitor.done, detail=detail)
 
     def note(self, message: str) -> None:
         self._progress.console.print(escape(message))
+
+
+def progress_detail(monitor: PhaseMonitor, states: int) -> str:
+    """The progress line after the calls done: states done, retries, errors, rate."""
+    killed = f" · killed {len(monitor.killed)}" if monitor.killed else ""
+    return (
+        f"states {monitor.states_done}/{states} · retries {monitor.retries} · "
+        f"errors {monitor.errors}{killed} · {rate(monitor.calls_per_second)}"
+    )
 
 
 def verdicts(console: Console, sides: Sequence[Side]) -> None:
@@ -93,6 +111,7 @@ def verdicts(console: Console, sides: Sequence[Side]) -> None:
     for label, cell in _ROWS:
         table.add_row(label, *(cell(side) for side in sides))
     console.print(table)
+    console.print(LATENCY_NOTE)
     for side in sides:
         verdict = side.verdict
         gaps = verdict.gaps
@@ -161,9 +180,13 @@ def _latency(side: Side) -> str:
     return f"{_ms(verdict.added_latency_p50_ms)} / {_ms(verdict.added_latency_p99_ms)} ms"
 
 
+def rate(calls_per_second: float | None) -> str:
+    """A throughput as the progress line and the verdict both show it."""
+    return "- calls/s" if calls_per_second is None else f"{calls_per_second:.1f} calls/s"
+
+
 def _throughput(side: Side) -> str:
-    rate = side.verdict.calls_per_second
-    return "n/a" if rate is None else f"{rate:.1f} calls/s"
+    return rate(side.verdict.calls_per_second)
 
 
 def _together(side: Side) -> str:

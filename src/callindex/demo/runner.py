@@ -22,6 +22,7 @@ from rich.console import Console
 from callindex.audit import GAP_CAUSE, Report
 from callindex.demo import render
 from callindex.demo.events import Event, WorkItem, work_items
+from callindex.demo.interrupts import deferred_interrupt, sigint_blocked
 from callindex.demo.legacy import LEGACY_TABLE, LegacyStore
 from callindex.demo.monitor import PhaseMonitor, PhaseResult
 from callindex.demo.verdict import TrailRow, Verdict, added_latency
@@ -92,7 +93,7 @@ def run_demo(config: DemoConfig, *, console: Console, progress_console: Console)
     ]
     prefix = f"demo-{run_id}/"
     url = config.url or _fresh_sqlite(config.folder / DEMO_FILE)
-    render.header(progress_console, config, display_url(parse_url(url)))
+    render.header(console, config, display_url(parse_url(url)))
     sides: list[Side] = []
     with CallRecorder(url) as recorder:
         recorder.upgrade()
@@ -204,7 +205,10 @@ def run_phase(
     progress_console: Console,
 ) -> PhaseResult:
     """Run the whole workload once through ``config.workers`` spawned processes
-    running ``target``, against a loopback API of its own with ``config.faults``."""
+    running ``target``, against a loopback API of its own with ``config.faults``.
+
+    Interrupted (Ctrl-C), it stops the workers and the server before the
+    ``KeyboardInterrupt`` goes on."""
     context = multiprocessing.get_context("spawn")
     work: Queue[WorkItem | None] = context.Queue()
     events: Queue[Event] = context.Queue()
@@ -232,16 +236,25 @@ def run_phase(
         }
         monitor = PhaseMonitor(name, config, processes, api, len(items), flags)
         try:
-            for process in processes.values():
-                process.start()
+            _start(processes.values())
             with render.PhaseProgress(progress_console, name, config) as progress:
                 monitor.follow(events, progress)
         finally:
-            _stop(processes.values(), flags)
-            work.cancel_join_thread()
-            work.close()
-            events.close()
+            with deferred_interrupt():
+                _stop(processes.values(), flags)
+                work.cancel_join_thread()
+                work.close()
+                events.close()
         return monitor.result(dict(api.stats))
+
+
+def _start(processes: Iterable[SpawnProcess]) -> None:
+    """Start the workers, with SIGINT blocked in them from their first instruction
+    (a Ctrl-C reaches the parent alone), and held off in the parent until all have
+    started (none is left half started)."""
+    with deferred_interrupt(), sigint_blocked():
+        for process in processes:
+            process.start()
 
 
 def _stop(processes: Iterable[SpawnProcess], flags: Flags) -> None:

@@ -90,7 +90,7 @@ class Verdict:
 
     @property
     def calls_per_second(self) -> float | None:
-        return self.finished / self.seconds if self.seconds > 0 else None
+        return calls_per_second(self.finished, self.seconds)
 
     @classmethod
     def from_trail(
@@ -157,6 +157,12 @@ class Verdict:
             verify_ok=verify_ok,
             failures=tuple(failures),
         )
+
+
+def calls_per_second(finished: int, seconds: float) -> float | None:
+    """The throughput of ``finished`` calls in ``seconds``, from the first request
+    to the last call finished; the live display and the verdict both use it."""
+    return finished / seconds if seconds > 0 else None
 
 
 def find_duplicates(rows: Iterable[TrailRow]) -> int:
