@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import click
 
-from callindex.cli.common import database_given, database_option, stdout, url
+from callindex.cli.common import database_given, own_database_option, stdout, url
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -110,7 +110,7 @@ _OUTPUT_FILE: Final = click.Path(dir_okay=False, path_type=Path)
 
 
 @click.command(epilog=_strategies_epilog())
-@database_option
+@own_database_option(DEFAULT_BENCH_URL)
 @click.option(
     "--workers",
     type=CommaSeparated(click.IntRange(min=1)),

@@ -50,7 +50,16 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def database_option(function: F) -> F:
-    """``--db`` after the subcommand (``callindex demo --db URL``), as before it."""
+    """``--db`` after the subcommand (``callindex verify --db URL``), as before it."""
+    return _after_subcommand(f"${URL_ENVIRONMENT_VARIABLE}, else {DEFAULT_URL}")(function)
+
+
+def own_database_option(default: str) -> Callable[[F], F]:
+    """``--db`` after a subcommand that uses a database of its own by default."""
+    return _after_subcommand(f"${URL_ENVIRONMENT_VARIABLE}, else {default}")
+
+
+def _after_subcommand(default: str) -> Callable[[F], F]:
     return click.option(
         "--db",
         metavar="URL",
@@ -58,8 +67,8 @@ def database_option(function: F) -> F:
         expose_value=False,
         is_eager=True,
         callback=_remember,
-        help=_DB_HELP + f"  [default: ${URL_ENVIRONMENT_VARIABLE}, else {DEFAULT_URL}]",
-    )(function)
+        help=f"{_DB_HELP}  [default: {default}]",
+    )
 
 
 def url(ctx: click.Context) -> str:

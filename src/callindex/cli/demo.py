@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from callindex.cli.common import database_given, database_option, stdout, url
+from callindex.cli.common import database_given, own_database_option, stdout, url
 
 
 @click.command()
-@database_option
+@own_database_option("a fresh callindex-demo.db of its own")
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),
