@@ -118,6 +118,17 @@ BEGIN
 END;
 $function$;
 
+-- function callindex_guard_seals()
+CREATE OR REPLACE FUNCTION public.callindex_guard_seals()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    RAISE EXCEPTION 'callindex: a seal is never changed or deleted (% on call_seals)', TG_OP
+        USING ERRCODE = 'CX007';
+END;
+$function$;
+
 -- function callindex_number_call()
 CREATE OR REPLACE FUNCTION public.callindex_number_call()
  RETURNS trigger
@@ -329,6 +340,12 @@ CREATE TRIGGER callindex_guard_counters_truncate BEFORE TRUNCATE ON call_index_c
 
 -- trigger callindex_guard_new_counter ON call_index_counters
 CREATE TRIGGER callindex_guard_new_counter BEFORE INSERT ON call_index_counters FOR EACH ROW WHEN (new.next_index > 1000000 AND CURRENT_USER <> '<owner>'::name) EXECUTE FUNCTION callindex_guard_new_counter();
+
+-- trigger callindex_guard_seals ON call_seals
+CREATE TRIGGER callindex_guard_seals BEFORE DELETE OR UPDATE ON call_seals FOR EACH ROW EXECUTE FUNCTION callindex_guard_seals();
+
+-- trigger callindex_guard_seals_truncate ON call_seals
+CREATE TRIGGER callindex_guard_seals_truncate BEFORE TRUNCATE ON call_seals FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_seals();
 
 -- trigger callindex_vouch_index ON calls
 CREATE TRIGGER callindex_vouch_index BEFORE INSERT ON calls FOR EACH ROW WHEN (CURRENT_USER <> '<owner>'::name) EXECUTE FUNCTION callindex_vouch_index();

@@ -33,8 +33,9 @@
 -- It may not UPDATE, DELETE or TRUNCATE calls, nor create or delete a counter.
 -- Sweeping, repairing and migrating stay with the owner.
 --
--- callindex_auditor may read calls, counters and the schema revision, and
--- run `callindex verify`; nothing else.
+-- callindex_auditor may read calls, counters, seals and the schema revision,
+-- and run `callindex verify` (with --seals); nothing else. Sealing
+-- (`callindex seal`) stays with the owner.
 
 DO $$
 BEGIN
@@ -55,7 +56,7 @@ END;
 $$;
 
 REVOKE ALL ON calls, call_index_counters, callindex_alembic_version,
-    callindex_schema_interfaces FROM callindex_app, callindex_auditor;
+    callindex_schema_interfaces, call_seals FROM callindex_app, callindex_auditor;
 
 GRANT SELECT ON calls TO callindex_app;
 GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request_hash,
@@ -78,4 +79,4 @@ GRANT EXECUTE ON FUNCTION
     TO callindex_app;
 
 GRANT SELECT ON calls, call_index_counters, callindex_alembic_version,
-    callindex_schema_interfaces TO callindex_auditor;
+    callindex_schema_interfaces, call_seals TO callindex_auditor;

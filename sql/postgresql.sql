@@ -1167,5 +1167,35 @@ DROP ROUTINE callindex_record_released(text, text, text, text, text, text, text,
 
 UPDATE callindex_alembic_version SET version_num='0010' WHERE callindex_alembic_version.version_num = '0009';
 
+-- Running upgrade 0010 -> 0011
+
+CREATE TABLE call_seals (
+    state_id TEXT NOT NULL,
+    last_index BIGINT NOT NULL,
+    head VARCHAR(64) NOT NULL,
+    calls BIGINT NOT NULL,
+    sealed_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now(),
+    CONSTRAINT pk_call_seals PRIMARY KEY (state_id, last_index),
+    CONSTRAINT ck_call_seals_head_sha256 CHECK (length(head) = 64),
+    CONSTRAINT ck_call_seals_calls_positive CHECK (calls >= 1)
+);
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0011', 2);
+
+CREATE FUNCTION callindex_guard_seals() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a seal is never changed or deleted (% on call_seals)', TG_OP
+        USING ERRCODE = 'CX007';
+END;
+$$;
+
+CREATE TRIGGER callindex_guard_seals BEFORE UPDATE OR DELETE ON call_seals FOR EACH ROW EXECUTE FUNCTION callindex_guard_seals();
+
+CREATE TRIGGER callindex_guard_seals_truncate BEFORE TRUNCATE ON call_seals FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_seals();
+
+UPDATE callindex_alembic_version SET version_num='0011' WHERE callindex_alembic_version.version_num = '0010';
+
 COMMIT;
 

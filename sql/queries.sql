@@ -132,3 +132,21 @@ SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
 -- state_count --
 SELECT count(*) AS states FROM call_index_counters;
 
+
+-- seals_of_state --
+SELECT state_id, last_index, head, calls, sealed_at
+FROM call_seals
+WHERE state_id = :state_id
+ORDER BY last_index;
+
+-- sealed_states --
+-- The next :batch sealed states after :after_state_id.
+SELECT DISTINCT state_id FROM call_seals
+WHERE state_id > :after_state_id
+ORDER BY state_id
+LIMIT :batch;
+
+-- insert_seal --
+INSERT INTO call_seals (state_id, last_index, head, calls)
+VALUES (:state_id, :last_index, :head, :calls)
+RETURNING state_id, last_index, head, calls, sealed_at;

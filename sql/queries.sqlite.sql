@@ -86,3 +86,31 @@ FROM calls
 WHERE call_id > :after_call_id
 ORDER BY call_id
 LIMIT :batch;
+
+-- chained_calls --
+-- Sealing and verifying seals: the next :batch calls of :state_id after
+-- :after_index, in index order, with every column a seal covers and the
+-- payloads as stored.
+SELECT call_id, call_index, call_type, status, latency_ms, created_at, completed_at,
+       request, request_hash, response, response_hash, error, error_hash
+FROM calls
+WHERE state_id = :state_id AND call_index > :after_index
+ORDER BY call_index
+LIMIT :batch;
+
+-- seal_candidates --
+-- States with finished calls beyond their last seal and no pending call;
+-- only :state_id when given; only those whose last call finished before
+-- :finished_before when given (UTC text, as SQLite stores times).
+SELECT calls.state_id,
+       coalesce((SELECT max(last_index) FROM call_seals
+                 WHERE call_seals.state_id = calls.state_id), -1) AS sealed_to
+FROM calls
+WHERE (CAST(:state_id AS TEXT) IS NULL OR calls.state_id = :state_id)
+GROUP BY calls.state_id
+HAVING sum(CASE WHEN calls.status = 'pending' THEN 1 ELSE 0 END) = 0
+   AND max(calls.call_index) > coalesce((SELECT max(last_index) FROM call_seals
+                                         WHERE call_seals.state_id = calls.state_id), -1)
+   AND (CAST(:finished_before AS TEXT) IS NULL
+        OR max(calls.completed_at) < :finished_before)
+ORDER BY calls.state_id;

@@ -321,5 +321,39 @@ INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0010', 2)
 
 UPDATE callindex_alembic_version SET version_num='0010' WHERE callindex_alembic_version.version_num = '0009';
 
+-- Running upgrade 0010 -> 0011
+
+CREATE TABLE call_seals (
+    state_id TEXT NOT NULL,
+    last_index BIGINT NOT NULL,
+    head VARCHAR(64) NOT NULL,
+    calls BIGINT NOT NULL,
+    sealed_at DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    CONSTRAINT pk_call_seals PRIMARY KEY (state_id, last_index),
+    CONSTRAINT ck_call_seals_head_sha256 CHECK (length(head) = 64),
+    CONSTRAINT ck_call_seals_calls_positive CHECK (calls >= 1)
+);
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0011', 2);
+
+CREATE TRIGGER callindex_guard_seals_update BEFORE UPDATE ON call_seals
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');
+END;
+
+CREATE TRIGGER callindex_guard_seals_delete BEFORE DELETE ON call_seals
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');
+END;
+
+CREATE TRIGGER callindex_guard_seals_replace BEFORE INSERT ON call_seals
+WHEN EXISTS (SELECT 1 FROM call_seals
+             WHERE state_id = NEW.state_id AND last_index = NEW.last_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0011' WHERE callindex_alembic_version.version_num = '0010';
+
 COMMIT;
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from callindex import payloads
+from callindex import seals as sealing
 from callindex.database import Database, Statements
 from callindex.errors import InvalidInputError, InvalidPayloadError
+from callindex.seals import Seal
 
 DEFAULT_PENDING_THRESHOLD_SECONDS: Final = 15 * 60
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -57,6 +60,11 @@ class Report:
     hashes_checked: dict[str, int] | None = None
     """With ``hashes=True``: the payload hashes recomputed, per hash scheme."""
     hash_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    seals_checked: int | None = None
+    """With ``seals=True``: how many seals were recomputed."""
+    seal_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    """Sealed calls changed, deleted, renumbered or inserted after sealing, or
+    a stored head that differs from an exported one (callindex.seals)."""
     legacy_hash_mismatches: list[dict[str, Any]] = field(default_factory=list)
     """Rows hashed before 0.2 (``sorted-json``) whose hash differs: on
     PostgreSQL ``jsonb`` rewrote numbers when they were stored, so a mismatch
@@ -64,15 +72,25 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.duplicates and not self.counters_behind and not self.hash_mismatches
+        return not (
+            self.duplicates or self.counters_behind or self.hash_mismatches or self.seal_mismatches
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "gap_cause": GAP_CAUSE, **asdict(self)}
 
 
-def verify(db: Database, pending_threshold_seconds: float, *, hashes: bool = False) -> Report:
+def verify(
+    db: Database,
+    pending_threshold_seconds: float,
+    *,
+    hashes: bool = False,
+    seals: bool = False,
+    heads: Iterable[Seal] = (),
+) -> Report:
     """Check every invariant of the trail, in one read transaction; with
-    ``hashes``, also recompute every stored payload's hash (:func:`check_hashes`)."""
+    ``hashes``, also recompute every stored payload's hash (:func:`check_hashes`);
+    with ``seals``, every sealed chain (:func:`callindex.seals.verify_seals`)."""
     pending_threshold_seconds = validate_seconds(
         pending_threshold_seconds, "pending_threshold_seconds"
     )
@@ -92,6 +110,7 @@ def verify(db: Database, pending_threshold_seconds: float, *, hashes: bool = Fal
             stale_pending=rows("stale_pending", seconds=pending_threshold_seconds),
             pending_threshold_seconds=pending_threshold_seconds,
             **(check_hashes(statements) if hashes else {}),
+            **(sealing.verify_seals(statements, heads) if seals else {}),
         )
 
     return db.read(check)

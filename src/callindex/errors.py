@@ -33,6 +33,7 @@ Hierarchy::
     │   ├── IndexAheadError            an index the counter did not hand out, or too far ahead
     │   ├── CallOwnedByAnotherRoleError  a pending call finished by another role
     │   ├── CallRefusedError           a call's values refused by the database's checks
+    │   ├── ImmutableSealError         the database refused to change or delete a seal
     │   └── PermissionDeniedError      the database role lacks a privilege
     └── LLMError                   a completion the LLM clients cannot return (call recorded)
         ├── LLMRateLimitedError            still 429 when the retries ran out
@@ -177,6 +178,10 @@ class CallRefusedError(DatabaseError):
     """The database refused a call's values: a ``call_type`` that is not 1 to 32
     of ``a-z0-9_``, a ``latency_ms`` that is negative or not finite, or a CHECK
     of an adopted table (SQLSTATE 23514; SQLite ``CX006``)."""
+
+
+class ImmutableSealError(DatabaseError):
+    """The database refused to change or delete a seal (``CX007``)."""
 
 
 class PermissionDeniedError(DatabaseError):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import URL, Connection, Engine
 
-from callindex import allocator, audit, calls, migrations, payloads
+from callindex import allocator, audit, calls, migrations, payloads, seals
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
 from callindex.errors import InvalidInputError
 from callindex.retry import DatabaseRetryPolicy
+from callindex.seals import Seal
 
 T = TypeVar("T")
 
@@ -221,10 +223,30 @@ class CallRecorder:
         pending_threshold_seconds: float = audit.DEFAULT_PENDING_THRESHOLD_SECONDS,
         *,
         hashes: bool = False,
+        seals: bool = False,
+        heads: Iterable[Seal] = (),
     ) -> audit.Report:
         """Check the trail's invariants; with ``hashes``, also recompute every
-        stored payload's hash. See :class:`callindex.audit.Report`."""
-        return audit.verify(self._db, pending_threshold_seconds, hashes=hashes)
+        stored payload's hash; with ``seals``, every sealed chain, also against
+        exported ``heads`` (:func:`callindex.seals.read_heads`). See
+        :class:`callindex.audit.Report`."""
+        return audit.verify(
+            self._db, pending_threshold_seconds, hashes=hashes, seals=seals, heads=heads
+        )
+
+    def seal(
+        self, state_id: str | None = None, *, finished_before_seconds: float | None = None
+    ) -> list[Seal]:
+        """Seal every state whose calls are all finished and not all sealed yet
+        (only ``state_id`` when given; only states whose last call finished at
+        least ``finished_before_seconds`` ago when given). See :mod:`callindex.seals`."""
+        if state_id is not None:
+            state_id = allocator.validate_state_id(state_id)
+        before = None
+        if finished_before_seconds is not None:
+            seconds = audit.validate_seconds(finished_before_seconds, "finished_before_seconds")
+            before = datetime.now(UTC) - timedelta(seconds=seconds)
+        return seals.seal(self._written(), state_id=state_id, finished_before=before)
 
     def sweep(self, older_than_seconds: float, *, state_prefix: str = "") -> list[dict[str, Any]]:
         """Mark pending calls at least this old ``abandoned`` (only those of states

@@ -135,6 +135,19 @@ schema_interfaces = Table(
     Column("interface", Integer, primary_key=True),
 )
 
+# The head of each state's hash chain, one row per seal (callindex.seals).
+call_seals = Table(
+    "call_seals",
+    metadata,
+    Column("state_id", Text, primary_key=True),
+    Column("last_index", BigInteger, primary_key=True),
+    Column("head", String(64), nullable=False),
+    Column("calls", BigInteger, nullable=False),
+    Column("sealed_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
+    CheckConstraint("length(head) = 64", name="head_sha256"),
+    CheckConstraint("calls >= 1", name="calls_positive"),
+)
+
 # Sweeping and verifying look for old pending calls; finished ones are the bulk.
 Index(
     "ix_calls_pending_created_at",

@@ -1,7 +1,7 @@
 """The one boundary where driver errors become callindex's own.
 
 PostgreSQL errors are looked up by SQLSTATE (exact code, then class) in one
-table, callindex's own refusals included (``CX001``..``CX006``, one per
+table, callindex's own refusals included (``CX001``..``CX007``, one per
 condition); a unique violation by the columns its index covers, read from the
 catalog. SQLite errors by their extended result code, by the columns a
 UNIQUE failure names, and by the code callindex's triggers start their
@@ -34,6 +34,7 @@ from callindex.errors import (
     DatabaseError,
     DatabaseUnavailableError,
     ImmutableCallError,
+    ImmutableSealError,
     IndexAheadError,
     PermissionDeniedError,
     SchemaMissingError,
@@ -70,6 +71,7 @@ CALLINDEX_CODES: Final[dict[str, Meaning]] = {
     "CX004": _refusal(CallOwnedByAnotherRoleError),
     "CX005": lambda where, detail: counter_behind(),  # SQLite: an index already recorded
     "CX006": _refusal(CallRefusedError),  # SQLite: PostgreSQL's CHECKs raise 23514
+    "CX007": _refusal(ImmutableSealError),
 }
 
 

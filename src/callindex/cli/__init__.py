@@ -30,6 +30,7 @@ SUBCOMMANDS: Final = {
     "verify": "callindex.cli.trail:verify",
     "sweep": "callindex.cli.trail:sweep",
     "repair": "callindex.cli.trail:repair",
+    "seal": "callindex.cli.trail:seal",
     "demo": "callindex.cli.demo:demo",
     "bench": "callindex.cli.bench:bench",
 }

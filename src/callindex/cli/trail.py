@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -95,12 +96,34 @@ def calls_command(ctx: click.Context, state_id: str, as_json: bool) -> None:
     is_flag=True,
     help="Also recompute every payload hash from the stored payload (reads every call).",
 )
+@click.option(
+    "--seals",
+    is_flag=True,
+    help="Also recompute every sealed chain (`callindex seal`) and compare its head.",
+)
+@click.option(
+    "--heads",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --seals: also compare with the heads exported by `callindex seal --json`.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def verify(ctx: click.Context, pending_older_than: float, hashes: bool, as_json: bool) -> None:
+def verify(
+    ctx: click.Context,
+    pending_older_than: float,
+    hashes: bool,
+    seals: bool,
+    heads: Path | None,
+    as_json: bool,
+) -> None:
     """Check the audit trail's invariants; exit 1 on a violation."""
+    from callindex.seals import read_heads
+
+    if heads is not None and not seals:
+        raise click.UsageError("--heads needs --seals")
+    exported = read_heads(heads) if heads is not None else []
     with recorder(ctx) as opened:
-        report = opened.verify(pending_older_than, hashes=hashes)
+        report = opened.verify(pending_older_than, hashes=hashes, seals=seals, heads=exported)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:
@@ -127,6 +150,15 @@ def _print_report(report: Report) -> None:
             False,
         ),
     ]
+    if report.seals_checked is not None:
+        checks.insert(
+            2,
+            (
+                f"sealed chains that differ ({report.seals_checked} seals checked)",
+                report.seal_mismatches,
+                True,
+            ),
+        )
     if report.hashes_checked is not None:
         schemes = ", ".join(f"{n} {s}" for s, n in sorted(report.hashes_checked.items()))
         checks[2:2] = [
@@ -198,3 +230,35 @@ def repair(ctx: click.Context) -> None:
     for state in moved:
         click.echo(f"{printable(state['state_id'])}: next_index is now {state['next_index']}")
     stderr().print(f"{len(moved)} counters repaired")
+
+
+@click.command()
+@database_option
+@click.option("--state", "state_id", metavar="STATE", help="Only this state.")
+@click.option(
+    "--finished-before",
+    metavar="DURATION",
+    callback=lambda ctx, param, value: None if value is None else duration(ctx, param, value),
+    help="Only states whose last call finished at least this long ago (90s, 15m, 2h).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the new seals as JSON, to export them where the database's owner cannot "
+    "write (then `verify --seals --heads FILE`).",
+)
+@click.pass_context
+def seal(
+    ctx: click.Context, state_id: str | None, finished_before: float | None, as_json: bool
+) -> None:
+    """Seal every state whose calls are all finished: store the head of a hash
+    chain over its calls, so that any later change to them is detected."""
+    with recorder(ctx) as opened:
+        made = opened.seal(state_id, finished_before_seconds=finished_before)
+    if as_json:
+        click.echo(json.dumps([s.as_json() for s in made], indent=2))
+        return
+    for new in made:
+        click.echo(f"{printable(new.state_id)}#{new.last_index} {new.head}")
+    stderr().print(f"{len(made)} states sealed")
