@@ -51,22 +51,24 @@ $$
     "CREATE TRIGGER callindex_guard_seals_truncate BEFORE TRUNCATE ON call_seals "
     "FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_seals()",
 )
-SQLITE_GUARD = tuple(
-    f"""
+_SQLITE_REFUSAL = "SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');"
+SQLITE_GUARD = (
+    *(
+        f"""
 CREATE TRIGGER callindex_guard_seals_{operation.lower()} BEFORE {operation} ON call_seals
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');
+    {_SQLITE_REFUSAL}
 END
 """
-    for operation in ("UPDATE", "DELETE")
-) + (
+        for operation in ("UPDATE", "DELETE")
+    ),
     # INSERT OR REPLACE would delete the old seal without a DELETE trigger.
-    """
+    f"""
 CREATE TRIGGER callindex_guard_seals_replace BEFORE INSERT ON call_seals
 WHEN EXISTS (SELECT 1 FROM call_seals
              WHERE state_id = NEW.state_id AND last_index = NEW.last_index)
 BEGIN
-    SELECT RAISE(ABORT, 'callindex: [CX007] a seal is never changed or deleted');
+    {_SQLITE_REFUSAL}
 END
 """,
 )
