@@ -69,7 +69,7 @@ def main() -> None:
         "seal_seconds": round(first, 2),
         "seal_calls_per_second": round(calls / first),
         "incremental_seal_seconds": round(incremental, 2),
-        "incremental_calls": len(resealed),
+        "incremental_states_resealed": len(resealed),
         "verify_seconds": round(verified, 2),
         "verify_calls_per_second": round((calls + options.states) / verified),
         "seals": len(sealed) + len(resealed),
