@@ -183,3 +183,91 @@ def throwaway_postgres(**settings: object) -> Iterator[ThrowawayPostgres]:
                 server.stop_immediate()  # fast stop failed or hung: never leave it behind
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class ReplicatedPostgres:
+    """A throwaway primary and a streaming standby of it, on two ports, and
+    the multi-host URL workers use (libpq picks whichever accepts writes)."""
+
+    def __init__(self, primary: ThrowawayPostgres, standby: ThrowawayPostgres) -> None:
+        self.primary = primary
+        self.standby = standby
+        self.down_at = 0.0  # time.time() when the primary was crashed
+        self.url = (
+            f"postgresql+psycopg://{PG_USER}@/postgres?host=127.0.0.1:{primary.port}"
+            f"&host=127.0.0.1:{standby.port}&target_session_attrs=read-write&connect_timeout=2"
+        )
+
+    def wait_streaming(self, synchronous: bool) -> None:
+        """Until the primary reports the standby streaming (and synchronous)."""
+        conninfo = f"host=127.0.0.1 port={self.primary.port} user={PG_USER} dbname=postgres"
+        wanted = "sync" if synchronous else "async"
+        deadline = time.monotonic() + READY_TIMEOUT
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT state, sync_state FROM pg_stat_replication "
+                    "WHERE application_name = 'standby1'"
+                ).fetchone()
+                if row == ("streaming", wanted):
+                    return
+                if time.monotonic() > deadline:
+                    raise self.standby._failure(f"the standby is not streaming ({row})")
+                time.sleep(0.1)
+
+    def fail_over(self) -> float:
+        """Crash the primary and promote the standby; the seconds it took."""
+        started = time.monotonic()
+        self.primary.stop_immediate()
+        self.down_at = time.time()
+        self.standby._pg_ctl("promote")
+        return time.monotonic() - started
+
+
+@contextmanager
+def replicated_postgres(*, synchronous: bool) -> Iterator[ReplicatedPostgres]:
+    """A primary with a standby made by ``pg_basebackup``, streaming; with
+    ``synchronous``, the standby is the primary's synchronous standby and every
+    commit waits until it has the commit on disk."""
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("no /usr/lib/postgresql/<version>/bin/initdb found")
+    primary_settings = {
+        "wal_level": "replica",
+        "max_wal_senders": 5,
+        "wal_keep_size": "'128MB'",
+        "hot_standby": "on",
+        "synchronous_standby_names": "'standby1'" if synchronous else "''",
+    }
+    with throwaway_postgres(**primary_settings) as primary:
+        user = pwd.getpwnam(PG_USER)
+        root = Path(tempfile.mkdtemp(prefix="callindex-standby-"))
+        try:
+            os.chown(root, user.pw_uid, user.pw_gid)
+            standby = ThrowawayPostgres(root, bin_dir, _free_port())
+            standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
+                         "-U", PG_USER, "-D", str(standby.data_dir), "-X", "stream",
+                         "--no-sync")  # fmt: skip
+            (standby.data_dir / "standby.signal").touch()
+            os.chown(standby.data_dir / "standby.signal", user.pw_uid, user.pw_gid)
+            with (standby.data_dir / "postgresql.conf").open("a") as conf:
+                conf.write(
+                    f"port = {standby.port}\n"
+                    f"unix_socket_directories = '{root}'\n"
+                    # Promoted, it has no standby of its own to wait for.
+                    "synchronous_standby_names = ''\n"
+                    f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user={PG_USER} "
+                    "application_name=standby1'\n"
+                )
+            standby.start()
+            try:
+                cluster = ReplicatedPostgres(primary, standby)
+                cluster.wait_streaming(synchronous)
+                yield cluster
+            finally:
+                try:
+                    standby.stop()
+                except RuntimeError:
+                    standby.stop_immediate()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)

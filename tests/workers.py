@@ -373,3 +373,61 @@ def record_through_version_1(
         results.put({"acknowledged": acknowledged})
     except Exception as error:
         results.put(f"{type(error).__name__}: {error}")
+
+
+def record_through_failover(
+    barrier: Barrier,
+    results: Any,
+    url: str,
+    worker: str,
+    stop: Any,
+    early_release: bool,
+) -> None:
+    """Until ``stop`` is set, cycle through ``record_call`` on the shared state,
+    ``begin_call``/``finish_call`` on the worker's own state, a reservation of
+    three indices on the shared state and ``record_call`` on the own state;
+    report what was acknowledged, when each operation returned, and how many
+    database retries it took."""
+    try:
+        retries = count_retries()
+        policy = DatabaseRetryPolicy(
+            max_attempts=1_000, max_seconds=60, initial_wait=0.05, max_wait=0.5, attempt_timeout=5
+        )
+        own = f"{worker}-own"
+        acknowledged: dict[str, tuple[str, int]] = {}
+        reservations: list[tuple[str, int, int]] = []
+        returned: list[float] = []
+        with CallRecorder(url, retry=policy, early_release=early_release) as recorder:
+            recorder.open_state(own)
+            barrier.wait()
+            n = 0
+            while not stop.is_set():
+                call_id = f"{worker}-{n}"
+                step = n % 4
+                if step == 0:
+                    call = recorder.record_call(
+                        "shared", "http", "success", {"n": n}, call_id=call_id
+                    )
+                elif step == 1:
+                    begun = recorder.begin_call(own, "llm", {"n": n}, call_id=call_id)
+                    call = recorder.finish_call(begun.call_id, "success", {"n": n})
+                elif step == 2:
+                    first = recorder.allocate_call_index("shared", 3)
+                    reservations.append(("shared", first, 3))
+                else:
+                    call = recorder.record_call(own, "http", "success", {"n": n}, call_id=call_id)
+                if step != 2:
+                    acknowledged[call.call_id] = (call.state_id, call.call_index)
+                returned.append(time.time())
+                n += 1
+                time.sleep(0.002)
+        results.put(
+            {
+                "acknowledged": acknowledged,
+                "reservations": reservations,
+                "returned": returned,
+                "retries": retries.retries,
+            }
+        )
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
