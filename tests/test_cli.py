@@ -84,6 +84,10 @@ def test_bad_input_is_one_line_and_exit_1(sqlite_url: str, args: list[str], mess
     ("url", "message"),
     [
         ("nonsense", "not a database URL"),
+        (
+            "postgresql+psycopg://u:hunter2-secret@/db?host=h1&host=h2&port=1&port=2&port=3",
+            "hosts and ports do not pair up",
+        ),
         ("mysql://u:hunter2-secret@h/db", "unsupported database"),
         (UNREACHABLE, "cannot reach the database"),
     ],

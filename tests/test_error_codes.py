@@ -16,6 +16,7 @@ from callindex import (
     CallIndexError,
     CallRecorder,
     CallRefusedError,
+    ConfigurationError,
     ContentionError,
     CounterBehindError,
     CounterGuardError,
@@ -199,3 +200,16 @@ def test_an_adopted_tables_own_index_names(postgresql_empty_url: str) -> None:
     with CallRecorder(postgresql_empty_url) as recorder:
         recorder.allocate_call_index("state-0", 2)
     assert type(refusal(postgresql_empty_url, statement("new", 1))) is CounterBehindError
+
+
+def test_a_write_to_a_standby_says_how_to_reach_the_primary(postgresql_url: str) -> None:
+    """A read-only server (a standby) refuses writes with 25006: the URL
+    should select the primary, which retrying the same server would not do."""
+    dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        pg.execute("SET default_transaction_read_only = on")
+        with pytest.raises(psycopg.Error) as raised:
+            pg.execute("SELECT callindex_open_state_v2('s')")
+    error = translate(raised.value, "the server")
+    assert type(error) is ConfigurationError
+    assert "target_session_attrs=read-write" in str(error)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
-from sqlalchemy import URL, Connection, Engine, Executable, create_engine, event
+from sqlalchemy import URL, Connection, Engine, Executable, create_engine, event, exc
 
 from callindex.backends import DEFAULT_POOL_SIZE, Backend, PostgreSQLBackend, SQLiteBackend
 from callindex.errors import ConfigurationError
@@ -111,8 +111,14 @@ def build_engine(
     connect_args: dict[str, Any] = {"application_name": "callindex"}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = POSTGRESQL_CONNECT_TIMEOUT_SECONDS
-    # Parameters (payloads) stay out of error messages and logs.
-    engine = create_engine(parsed, connect_args=connect_args, hide_parameters=True, **pool)
+    try:
+        # Parameters (payloads) stay out of error messages and logs.
+        engine = create_engine(parsed, connect_args=connect_args, hide_parameters=True, **pool)
+    except exc.ArgumentError as error:  # e.g. host and port lists that do not pair up
+        raise ConfigurationError(
+            "the database URL's hosts and ports do not pair up: give each server as "
+            "host=HOST:PORT (postgresql+psycopg://USER@/DB?host=H1:5432&host=H2:5432)"
+        ) from error
     event.listen(engine, "connect", _on_postgresql_connect)
     return engine
 

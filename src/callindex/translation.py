@@ -59,6 +59,13 @@ def _unavailable(where: str, detail: str) -> CallIndexError:
     return DatabaseUnavailableError(f"cannot reach the database {where}: {detail}")
 
 
+def _standby(where: str, detail: str) -> CallIndexError:
+    return ConfigurationError(
+        f"{where} is a read-only standby ({detail}): with several servers, add "
+        "target_session_attrs=read-write to the URL so that callindex connects to the primary"
+    )
+
+
 def _refusal(kind: type[CallIndexError]) -> Meaning:
     return lambda where, detail: kind(detail)
 
@@ -92,6 +99,7 @@ BY_SQLSTATE: Final[dict[str, Meaning]] = {
     "57P01": _unavailable,  # admin_shutdown
     "57P02": _unavailable,  # crash_shutdown
     "57P03": _unavailable,  # cannot_connect_now
+    "25006": _standby,  # read_only_sql_transaction
     "42501": _refusal(PermissionDeniedError),  # insufficient_privilege
     "23514": _refusal(CallRefusedError),  # check_violation
     **CALLINDEX_CODES,

@@ -31,6 +31,7 @@ SUBCOMMANDS: Final = {
     "sweep": "callindex.cli.trail:sweep",
     "repair": "callindex.cli.trail:repair",
     "seal": "callindex.cli.trail:seal",
+    "doctor": "callindex.cli.doctor:doctor",
     "demo": "callindex.cli.demo:demo",
     "bench": "callindex.cli.bench:bench",
 }
