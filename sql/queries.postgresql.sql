@@ -119,6 +119,12 @@ WHERE counters.state_id = CAST(:state_id AS text)
       SELECT 1 FROM calls
       WHERE calls.state_id = CAST(:state_id AS text)
         AND calls.call_index = CAST(:call_index AS bigint))
+  AND NOT EXISTS (
+      SELECT 1 FROM call_seals
+      WHERE call_seals.state_id = CAST(:state_id AS text)
+        AND call_seals.last_index >= CAST(:call_index AS bigint))
+-- Held until commit: a seal of the state waits for this call (lock_counter).
+FOR SHARE OF counters
 RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
 
 -- record_released --
@@ -190,6 +196,7 @@ LIMIT :batch;
 -- :after_index, in index order, with every column a seal covers and the
 -- payloads as the text stored.
 SELECT call_id, call_index, call_type, status, latency_ms, created_at, completed_at,
+       recorded_by, hash_scheme,
        CAST(request AS text) AS request, request_hash,
        CAST(response AS text) AS response, response_hash,
        CAST(error AS text) AS error, error_hash
@@ -197,6 +204,10 @@ FROM calls
 WHERE state_id = :state_id AND call_index > :after_index
 ORDER BY call_index
 LIMIT :batch;
+
+-- lock_counter --
+-- Sealing: no record_call(call_index=k) of the state lands while it seals.
+SELECT next_index FROM call_index_counters WHERE state_id = :state_id FOR UPDATE;
 
 -- seal_candidates --
 -- States with finished calls beyond their last seal and no pending call;
@@ -206,7 +217,8 @@ SELECT calls.state_id,
        coalesce((SELECT max(last_index) FROM call_seals
                  WHERE call_seals.state_id = calls.state_id), -1) AS sealed_to
 FROM calls
-WHERE (CAST(:state_id AS TEXT) IS NULL OR calls.state_id = :state_id)
+WHERE calls.state_id IS NOT NULL
+  AND (CAST(:state_id AS TEXT) IS NULL OR calls.state_id = :state_id)
 GROUP BY calls.state_id
 HAVING sum(CASE WHEN calls.status = 'pending' THEN 1 ELSE 0 END) = 0
    AND max(calls.call_index) > coalesce((SELECT max(last_index) FROM call_seals

@@ -14,11 +14,13 @@ WHERE call_id = :call_id;
 SELECT call_index, created_at, completed_at FROM calls WHERE call_id = :call_id;
 
 -- reservation_of --
--- Why record_call(call_index=k) wrote nothing: the state's next index, and
--- whether k is taken.
+-- Why record_call(call_index=k) wrote nothing: the state's next index,
+-- whether k is taken, and whether a seal covers k.
 SELECT next_index,
        EXISTS (SELECT 1 FROM calls WHERE state_id = :state_id AND call_index = :call_index)
-           AS taken
+           AS taken,
+       EXISTS (SELECT 1 FROM call_seals
+               WHERE state_id = :state_id AND last_index >= :call_index) AS sealed
 FROM call_index_counters
 WHERE state_id = :state_id;
 
@@ -133,6 +135,11 @@ SELECT status, count(*) AS calls FROM calls GROUP BY status ORDER BY status;
 SELECT count(*) AS states FROM call_index_counters;
 
 
+-- calls_through --
+-- Sealing re-checks, under the counter's lock, that the calls it chained are
+-- all there is up to the index it seals.
+SELECT count(*) AS calls FROM calls WHERE state_id = :state_id AND call_index <= :last_index;
+
 -- seals_of_state --
 SELECT state_id, last_index, head, calls, sealed_at
 FROM call_seals
@@ -149,4 +156,5 @@ LIMIT :batch;
 -- insert_seal --
 INSERT INTO call_seals (state_id, last_index, head, calls)
 VALUES (:state_id, :last_index, :head, :calls)
+ON CONFLICT (state_id, last_index) DO NOTHING
 RETURNING state_id, last_index, head, calls, sealed_at;

@@ -92,11 +92,15 @@ LIMIT :batch;
 -- :after_index, in index order, with every column a seal covers and the
 -- payloads as stored.
 SELECT call_id, call_index, call_type, status, latency_ms, created_at, completed_at,
-       request, request_hash, response, response_hash, error, error_hash
+       recorded_by, hash_scheme, request, request_hash, response, response_hash, error, error_hash
 FROM calls
 WHERE state_id = :state_id AND call_index > :after_index
 ORDER BY call_index
 LIMIT :batch;
+
+-- lock_counter --
+-- Sealing: SQLite's write transaction (BEGIN IMMEDIATE) holds the lock already.
+SELECT next_index FROM call_index_counters WHERE state_id = :state_id;
 
 -- seal_candidates --
 -- States with finished calls beyond their last seal and no pending call;
@@ -106,7 +110,8 @@ SELECT calls.state_id,
        coalesce((SELECT max(last_index) FROM call_seals
                  WHERE call_seals.state_id = calls.state_id), -1) AS sealed_to
 FROM calls
-WHERE (CAST(:state_id AS TEXT) IS NULL OR calls.state_id = :state_id)
+WHERE calls.state_id IS NOT NULL
+  AND (CAST(:state_id AS TEXT) IS NULL OR calls.state_id = :state_id)
 GROUP BY calls.state_id
 HAVING sum(CASE WHEN calls.status = 'pending' THEN 1 ELSE 0 END) = 0
    AND max(calls.call_index) > coalesce((SELECT max(last_index) FROM call_seals

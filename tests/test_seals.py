@@ -19,10 +19,16 @@ import rfc8785
 from click.testing import CliRunner
 from sqlalchemy import Connection, create_engine, text
 
-from callindex import CallRecorder, ImmutableSealError, adoption
+from callindex import (
+    CallRecorder,
+    ImmutableSealError,
+    IndexSealedError,
+    UnknownStateError,
+    adoption,
+)
 from callindex.cli import cli
 from callindex.database import Database
-from callindex.seals import SCHEME, Seal
+from callindex.seals import SCHEME, Seal, read_heads
 
 from legacy import create_legacy_database
 
@@ -66,7 +72,7 @@ def as_superuser_without_triggers(url: str) -> Iterator[Connection]:
 
 def problems(recorder: CallRecorder, heads: list[Seal] | None = None) -> list[dict[str, Any]]:
     report = recorder.verify(seals=True, heads=heads or [])
-    assert report.ok is not report.seal_mismatches
+    assert report.ok == (not report.seal_mismatches)
     return report.seal_mismatches
 
 
@@ -91,7 +97,8 @@ def _recomputed_head(url: str, state_id: str) -> str:
             rows = conn.execute(
                 text(
                     "SELECT call_id, call_index, call_type, status, latency_ms, created_at, "
-                    f"completed_at, {payloads} FROM calls WHERE state_id = :s ORDER BY call_index"
+                    f"completed_at, recorded_by, hash_scheme, {payloads} FROM calls "
+                    "WHERE state_id = :s ORDER BY call_index"
                 ),
                 {"s": state_id},
             ).all()
@@ -116,6 +123,8 @@ def _recomputed_head(url: str, state_id: str) -> str:
             "latency_ms": None if call["latency_ms"] is None else repr(float(call["latency_ms"])),
             "created_at": utc(call["created_at"]),
             "completed_at": utc(call["completed_at"]),
+            "recorded_by": call["recorded_by"],
+            "hash_scheme": call["hash_scheme"],
         }
         for name in ("request", "response", "error"):
             stored = call[name]
@@ -152,6 +161,10 @@ TAMPERING = {
     "the last call deleted": "DELETE FROM calls WHERE state_id = 'a' AND call_index = 4",
     "a call renumbered": "UPDATE calls SET call_index = 9 WHERE state_id = 'a' AND call_index = 1",
     "a latency changed": "UPDATE calls SET latency_ms = 0 WHERE state_id = 'a' AND call_index = 3",
+    "who recorded it changed": "UPDATE calls SET recorded_by = 'someone' "
+    "WHERE state_id = 'a' AND call_index = 0",
+    "a timestamp made unreadable": "UPDATE calls SET completed_at = NULL "
+    "WHERE state_id = 'a' AND call_index = 0",
 }
 
 
@@ -179,6 +192,50 @@ def test_a_call_inserted_into_a_sealed_range_is_detected(trail: CallRecorder, db
             )
         )
     assert [p["last_index"] for p in problems(trail)] == [8]
+
+
+def test_sealing_ends_the_reservations_below_it(trail: CallRecorder) -> None:
+    """A reserved index below a seal can no longer be recorded at (it would
+    change the sealed chain); one above it still can."""
+    first = trail.allocate_call_index("a", 3)  # 5..7
+    trail.record_call("a", "http", "success", {"n": 8})
+    trail.seal(state_id="a")
+    with pytest.raises(IndexSealedError, match="below a seal"):
+        trail.record_call("a", "http", "success", {"late": True}, call_index=first)
+    later = trail.allocate_call_index("a", 1)
+    assert trail.record_call("a", "http", "success", {}, call_index=later).call_index == later
+    assert problems(trail) == []
+
+
+def test_a_fractional_renumbering_is_detected(sqlite_url: str) -> None:
+    with CallRecorder(sqlite_url, auto_open=True) as recorder:
+        for n in range(3):
+            recorder.record_call("a", "http", "success", {"n": n})
+        recorder.seal()
+        with as_superuser_without_triggers(sqlite_url) as conn:
+            conn.exec_driver_sql("UPDATE calls SET call_index = 1.5 WHERE call_index = 1")
+        assert len(problems(recorder)) == 1
+
+
+def test_exports_of_several_runs_are_read_back(
+    trail: CallRecorder, db_url: str, tmp_path: Path
+) -> None:
+    """`seal --json >> heads.jsonl` run after run: one line per seal."""
+    runner = CliRunner()
+    heads = tmp_path / "heads.jsonl"
+    for state_id in ("a", "b"):
+        done = runner.invoke(cli, ["seal", "--state", state_id, "--json", "--db", db_url])
+        assert done.exit_code == 0, done.output
+        with heads.open("a") as exported:
+            exported.write(done.stdout)
+    assert [s.state_id for s in read_heads(heads)] == ["a", "b"]
+    verify = ["verify", "--seals", "--heads", str(heads), "--db", db_url]
+    assert runner.invoke(cli, verify).exit_code == 0
+
+
+def test_sealing_an_unknown_state_is_an_error(trail: CallRecorder) -> None:
+    with pytest.raises(UnknownStateError):
+        trail.seal(state_id="nope")
 
 
 def test_a_rewritten_stored_head_is_caught_by_the_exported_heads(
@@ -251,7 +308,7 @@ def test_the_command_line_exports_and_checks_heads(
     assert sealed.exit_code == 0
     heads = tmp_path / "heads.json"
     heads.write_text(sealed.stdout)
-    assert [s["state_id"] for s in json.loads(sealed.stdout)] == ["a", "b"]
+    assert [json.loads(line)["state_id"] for line in sealed.stdout.splitlines()] == ["a", "b"]
     verify = ["verify", "--seals", "--heads", str(heads), "--db", db_url]
     assert runner.invoke(cli, verify).exit_code == 0
     with as_superuser_without_triggers(db_url) as conn:

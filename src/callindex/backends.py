@@ -592,7 +592,12 @@ class SQLiteBackend(Backend):
                 self._sql["reservation_of"],
                 {"state_id": parameters["state_id"], "call_index": parameters["call_index"]},
             ).fetchone()
-            if reservation is None or parameters["call_index"] >= reservation[0] or reservation[1]:
+            if (
+                reservation is None
+                or parameters["call_index"] >= reservation[0]
+                or reservation[1]  # taken
+                or reservation[2]  # sealed
+            ):
                 return None
             try:
                 row = conn.execute(self._sql["insert_call"], parameters).fetchone()

@@ -19,6 +19,7 @@ from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
     IndexNotReservedError,
+    IndexSealedError,
     IndexTakenError,
     InvalidCallError,
     UnknownCallError,
@@ -239,6 +240,11 @@ def _refused_index(db: Database, parameters: Mapping[str, Any], opening: bool) -
         raise UnknownStateError(state_id)
     if rows and rows[0]["taken"]:
         raise IndexTakenError(f"call_index {index} of state {state_id!r} is taken by another call")
+    if rows and rows[0]["sealed"]:
+        raise IndexSealedError(
+            f"call_index {index} of state {state_id!r} is below a seal of the state: "
+            "sealing ends the reservations below the index it seals"
+        )
     raise IndexNotReservedError(
         f"call_index {index} of state {state_id!r} was never handed out (the counter is at "
         f"{rows[0]['next_index'] if rows else 0}): reserve it with allocate_call_index first"

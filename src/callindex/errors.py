@@ -19,6 +19,7 @@ Hierarchy::
     ├── CallIdConflictError        a call_id reused for a different call
     ├── IndexNotReservedError      record_call(call_index=k) for an index never handed out
     ├── IndexTakenError            record_call(call_index=k) for an index another call holds
+    ├── IndexSealedError           record_call(call_index=k) below a seal of the state
     ├── ConfigurationError         bad database URL, unsupported backend
     ├── SchemaError
     │   ├── SchemaMissingError     the tables are not there: run `callindex db upgrade`
@@ -112,6 +113,11 @@ class IndexNotReservedError(CallIndexError):
 
 class IndexTakenError(CallIndexError):
     """``record_call(call_index=k)``: another call is recorded at ``k``."""
+
+
+class IndexSealedError(CallIndexError):
+    """``record_call(call_index=k)``: the state is sealed at or past ``k``
+    (``callindex seal`` ends the reservations below the index it seals)."""
 
 
 class ConfigurationError(CallIndexError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -13,7 +13,7 @@ from sqlalchemy import URL, Connection, Engine
 from callindex import allocator, audit, calls, migrations, payloads, seals
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
-from callindex.errors import InvalidInputError
+from callindex.errors import InvalidInputError, UnknownStateError
 from callindex.retry import DatabaseRetryPolicy
 from callindex.seals import Seal
 
@@ -235,18 +235,27 @@ class CallRecorder:
         )
 
     def seal(
-        self, state_id: str | None = None, *, finished_before_seconds: float | None = None
+        self,
+        state_id: str | None = None,
+        *,
+        finished_before_seconds: float | None = None,
+        on_sealed: Callable[[Seal], None] | None = None,
     ) -> list[Seal]:
         """Seal every state whose calls are all finished and not all sealed yet
         (only ``state_id`` when given; only states whose last call finished at
-        least ``finished_before_seconds`` ago when given). See :mod:`callindex.seals`."""
+        least ``finished_before_seconds`` ago when given); ``on_sealed`` hears
+        of each seal as it commits. See :mod:`callindex.seals`."""
         if state_id is not None:
             state_id = allocator.validate_state_id(state_id)
+            if not self.is_open(state_id):
+                raise UnknownStateError(state_id)
         before = None
         if finished_before_seconds is not None:
             seconds = audit.validate_seconds(finished_before_seconds, "finished_before_seconds")
             before = datetime.now(UTC) - timedelta(seconds=seconds)
-        return seals.seal(self._written(), state_id=state_id, finished_before=before)
+        return seals.seal(
+            self._written(), state_id=state_id, finished_before=before, on_sealed=on_sealed
+        )
 
     def sweep(self, older_than_seconds: float, *, state_prefix: str = "") -> list[dict[str, Any]]:
         """Mark pending calls at least this old ``abandoned`` (only those of states

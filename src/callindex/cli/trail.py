@@ -20,6 +20,7 @@ from callindex.cli.common import (
 
 if TYPE_CHECKING:
     from callindex.audit import Report
+    from callindex.seals import Seal
 
 
 @click.group()
@@ -245,8 +246,8 @@ def repair(ctx: click.Context) -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print the new seals as JSON, to export them where the database's owner cannot "
-    "write (then `verify --seals --heads FILE`).",
+    help="Print each new seal as a line of JSON, to append to a file kept where the "
+    "database's owner cannot write (then `verify --seals --heads FILE`).",
 )
 @click.pass_context
 def seal(
@@ -254,11 +255,13 @@ def seal(
 ) -> None:
     """Seal every state whose calls are all finished: store the head of a hash
     chain over its calls, so that any later change to them is detected."""
+
+    def show(new: Seal) -> None:
+        if as_json:
+            click.echo(json.dumps(new.as_json(), separators=(",", ":")))
+        else:
+            click.echo(f"{printable(new.state_id)}#{new.last_index} {new.head}")
+
     with recorder(ctx) as opened:
-        made = opened.seal(state_id, finished_before_seconds=finished_before)
-    if as_json:
-        click.echo(json.dumps([s.as_json() for s in made], indent=2))
-        return
-    for new in made:
-        click.echo(f"{printable(new.state_id)}#{new.last_index} {new.head}")
+        made = opened.seal(state_id, finished_before_seconds=finished_before, on_sealed=show)
     stderr().print(f"{len(made)} states sealed")
