@@ -259,8 +259,8 @@ def replicated_postgres(*, synchronous: bool) -> Iterator[ReplicatedPostgres]:
                     f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user={PG_USER} "
                     "application_name=standby1'\n"
                 )
-            standby.start()
             try:
+                standby.start()
                 cluster = ReplicatedPostgres(primary, standby)
                 cluster.wait_streaming(synchronous)
                 yield cluster

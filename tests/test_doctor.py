@@ -11,13 +11,24 @@ synchronous standby behind the multi-host URL).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import psycopg
 import pytest
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
-from pgserver import postgres_binaries_available, replicated_postgres, throwaway_postgres
-from sqlalchemy import Engine, make_url, text
+from pgserver import (
+    PG_USER,
+    ReplicatedPostgres,
+    postgres_binaries_available,
+    replicated_postgres,
+    throwaway_postgres,
+)
+from psycopg import sql
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from callindex import CallRecorder
 from callindex.audit import Report
@@ -30,13 +41,23 @@ from callindex.doctor import (
     RoleFacts,
     diagnose,
     duration_text,
+    required_standbys,
     role_finding,
+    schema_finding,
     server_findings,
     sqlite_findings,
     trail_findings,
 )
+from callindex.migrations import OLDEST_REVISION, SchemaStatus, alembic_config, head_revision
 
-from conftest import IN_CI, as_role, insert_bypassing_the_counter
+from conftest import (
+    IN_CI,
+    PG_URL,
+    as_role,
+    create_database,
+    drop_database,
+    insert_bypassing_the_counter,
+)
 
 UNREACHABLE = "postgresql+psycopg://someone:hunter2-secret@127.0.0.1:1/x?connect_timeout=2"
 SECRET = "hunter2-secret"
@@ -46,6 +67,10 @@ HEALTHY_SERVER = {
     "fsync": "on",
     "full_page_writes": "on",
 }
+
+
+def postgresql_url_of(database: str) -> str:
+    return make_url(PG_URL).set(database=database).render_as_string(hide_password=False)
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -131,16 +156,44 @@ def test_synchronous_commit_off_or_local_is_a_warning(value: str, severity: str)
     found = server_findings({**HEALTHY_SERVER, "synchronous_commit": value}, ["sync"])
     [finding] = [f for f in found if f.check == "synchronous_commit"]
     assert finding.severity == severity
-    assert f"synchronous_commit = {value}" in finding.found
+    assert f"start with synchronous_commit = {value}" in finding.found
     if severity == "warning":
         assert "durable" in finding.fix and "standbys" in finding.fix
+        assert "ALTER ROLE ... SET synchronous_commit = on" in finding.fix
 
 
-def test_the_role_sessions_start_with_is_shown_when_callindex_overrides_it() -> None:
-    settings = {**HEALTHY_SERVER, "synchronous_commit_default": "local"}
+@pytest.mark.parametrize("start", ["off", "local"])
+def test_the_value_callindex_forces_does_not_hide_the_roles_own(start: str) -> None:
+    settings = {
+        **HEALTHY_SERVER,
+        "synchronous_commit": start,
+        "synchronous_commit_in_callindex": "on",
+    }
     [finding] = [f for f in server_findings(settings, ["sync"]) if f.check == "synchronous_commit"]
-    assert finding.severity == "ok"
-    assert "start with local" in finding.found
+    assert finding.severity == "warning"
+    assert finding.found.startswith(
+        f"this role's sessions start with synchronous_commit = {start} "
+        "(callindex's own sessions set on): "
+    )
+
+
+@pytest.mark.parametrize("start", ["off", "local"])
+def test_a_role_that_starts_without_waiting_is_a_warning_on_the_real_server(
+    postgresql_url: str, pg_admin: Engine, start: str
+) -> None:
+    # The database's setting, on this test's own database: the role's sessions
+    # start with it, and callindex's own sessions override it with on.
+    database = make_url(postgresql_url).database
+    with pg_admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{database}" SET synchronous_commit = {start}'))
+    code, report = doctor_json(postgresql_url)
+    assert code == 0  # a warning only
+    finding = by_check(report)["synchronous_commit"]
+    assert finding["severity"] == "warning"
+    assert finding["found"].startswith(
+        f"this role's sessions start with synchronous_commit = {start} "
+        "(callindex's own sessions set on)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,14 +201,41 @@ def test_the_role_sessions_start_with_is_shown_when_callindex_overrides_it() -> 
     [
         (RoleFacts("root", True, True, True), "warning", "a superuser"),
         (RoleFacts("owner", False, True, False), "warning", "not a member of callindex_app"),
-        (RoleFacts("worker", False, True, True), "ok", "a member of callindex_app"),
-        (RoleFacts("owner", False, False, False), "ok", "callindex_app does not exist"),
+        (RoleFacts("worker", False, True, True, "owner"), "ok", "a member of callindex_app"),
+        (
+            RoleFacts("worker", False, False, False, "owner"),
+            "ok",
+            "neither a superuser nor the owner of calls (callindex_app does not exist)",
+        ),
+        (
+            RoleFacts("owner", False, False, False, "owner", True),
+            "warning",
+            "owner, the owner of calls: the guards that spare the owner",
+        ),
+        (
+            RoleFacts("deployer", False, False, False, "owner", True),
+            "warning",
+            "deployer, a member of owner, the owner of calls",
+        ),
+        (
+            RoleFacts("owner", False, True, False, "owner", True),
+            "warning",
+            "owner, the owner of calls",
+        ),
+        (  # granted callindex_app, the owner still skips the vouch trigger
+            RoleFacts("owner", False, True, True, "owner", True),
+            "warning",
+            "owner, the owner of calls",
+        ),
     ],
 )
 def test_the_role_finding(facts: RoleFacts, severity: str, words: str) -> None:
     finding = role_finding(facts)
     assert (finding.check, finding.severity) == ("role", severity)
     assert words in finding.found
+    if severity == "warning":
+        assert "sql/postgresql-roles.sql" in finding.fix
+        assert "callindex_app" in finding.fix
 
 
 @pytest.mark.parametrize(
@@ -257,8 +337,18 @@ def test_the_real_servers_settings_are_the_ones_reported(
     found = by_check(report)
     assert found["fsync"]["found"] == f"fsync = {server['fsync']}"
     assert found["full_page_writes"]["found"] == f"full_page_writes = {server['full_page_writes']}"
-    # callindex's own session asks for synchronous_commit = on, whatever the default.
-    assert found["synchronous_commit"]["found"].startswith("synchronous_commit = on in callindex")
+    # The value a plain session of this role in this database starts with;
+    # callindex's own sessions ask for on.
+    plain = create_engine(postgresql_url)
+    try:
+        with plain.connect() as conn:
+            start = conn.execute(text("SHOW synchronous_commit")).scalar_one()
+    finally:
+        plain.dispose()
+    assert found["synchronous_commit"]["found"].startswith(
+        f"this role's sessions start with synchronous_commit = {start} "
+        "(callindex's own sessions set on)"
+    )
     assert (server["synchronous_standby_names"] == "") == (
         found["synchronous_standby"]["severity"] == "warning"
     )
@@ -299,6 +389,41 @@ def test_a_database_behind_is_critical(empty_db_url: str) -> None:
 
     assert run("--db", empty_db_url, "db", "upgrade").exit_code == 0
     assert doctor_json(empty_db_url)[0] == 0
+
+
+def test_a_database_behind_the_head_but_writable_is_a_warning(empty_db_url: str) -> None:
+    head = head_revision()
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head).down_revision
+    assert isinstance(previous, str) and previous >= OLDEST_REVISION
+    assert run("--db", empty_db_url, "db", "upgrade", previous).exit_code == 0
+    code, report = doctor_json(empty_db_url)
+    assert code == 0  # callindex writes on it: a warning only
+    schema = by_check(report)["schema"]
+    assert schema["severity"] == "warning"
+    assert schema["found"].startswith(f"at {previous}, behind the head ({head})")
+    assert schema["fix"] == "run `callindex db upgrade`"
+    # The trail is still read on a revision this callindex writes on.
+    assert {by_check(report)[check]["severity"] for check in TRAIL_CHECKS} == {"ok"}
+
+    assert run("--db", empty_db_url, "db", "upgrade").exit_code == 0
+    _, upgraded = doctor_json(empty_db_url)
+    assert by_check(upgraded)["schema"] == {
+        "check": "schema",
+        "severity": "ok",
+        "found": f"at {head}, the newest (head {head})",
+        "fix": "",
+    }
+
+
+def test_the_schema_finding_of_each_revision() -> None:
+    shipped = {"0009", "0010", "0011"}
+    behind = schema_finding(None, SchemaStatus("0010", "0011"), shipped)
+    assert (behind.severity, behind.fix) == ("warning", "run `callindex db upgrade`")
+    assert behind.found.startswith("at 0010, behind the head (0011)")
+    newest = schema_finding(None, SchemaStatus("0011", "0011"), shipped)
+    assert (newest.severity, newest.found) == ("ok", "at 0011, the newest (head 0011)")
+    ahead = schema_finding(None, SchemaStatus("0012", "0011"), shipped)  # serves the interface
+    assert ahead.severity == "ok" and "ahead of the head (0011)" in ahead.found
 
 
 def test_a_database_without_the_schema_is_critical(empty_db_url: str) -> None:
@@ -380,7 +505,9 @@ def test_a_server_that_can_lose_acknowledged_calls_is_critical() -> None:
     assert found["fsync"]["severity"] == found["full_page_writes"]["severity"] == "critical"
     standby = found["synchronous_standby"]
     assert standby["severity"] == "critical"
-    assert "synchronous_standby_names = 'gone', but no standby is in sync" in standby["found"]
+    assert standby["found"].startswith(
+        "synchronous_standby_names = 'gone' requires 1 synchronous standby(s), but 0 in sync"
+    )
 
 
 @pytest.mark.slow
@@ -393,9 +520,101 @@ def test_a_streaming_standby_through_the_multi_host_url(synchronous: bool, sever
     standby = by_check(report)["synchronous_standby"]
     assert standby["severity"] == severity
     if synchronous:
-        assert (
-            standby["found"] == "1 synchronous standby(s) (synchronous_standby_names = 'standby1')"
+        assert standby["found"] == (
+            "1 synchronous standby(s), 1 required (synchronous_standby_names = 'standby1')"
         )
+
+
+@pytest.mark.parametrize(
+    ("names", "required"),
+    [
+        ("standby_a", 1),
+        ("standby_a, standby_b", 1),  # a plain list: the first that streams
+        ("*", 1),
+        ('"2 (odd name)"', 1),
+        ("2 (standby_a, standby_b)", 2),
+        ("FIRST 2 (standby_a, standby_b, standby_c)", 2),
+        ("first 3(standby_a, standby_b, standby_c)", 3),
+        ("ANY 2 (standby_a, standby_b, standby_c)", 2),
+        ("  any 10 (*)", 10),
+    ],
+)
+def test_the_number_of_standbys_a_commit_waits_for(names: str, required: int) -> None:
+    assert required_standbys(names) == required
+
+
+@pytest.mark.parametrize(
+    ("names", "states", "severity"),
+    [
+        ("FIRST 2 (a, b, c)", ["sync", "potential"], "critical"),
+        ("FIRST 2 (a, b, c)", ["sync", "sync", "potential"], "ok"),
+        ("2 (a, b)", ["sync"], "critical"),
+        ("2 (a, b)", ["sync", "sync"], "ok"),
+        ("ANY 2 (a, b, c)", ["quorum", "async"], "critical"),
+        ("ANY 2 (a, b, c)", ["quorum", "quorum"], "ok"),
+        ("ANY 2 (a, b, c)", [None, None], "warning"),
+        ("a, b", ["sync", "potential"], "ok"),
+        ("*", ["sync", "potential"], "ok"),
+    ],
+)
+def test_fewer_synchronous_standbys_than_required_is_critical(
+    names: str, states: list[str | None], severity: str
+) -> None:
+    found = server_findings({**HEALTHY_SERVER, "synchronous_standby_names": names}, states)
+    [finding] = [f for f in found if f.check == "synchronous_standby"]
+    assert finding.severity == severity
+    if severity == "critical":
+        synchronous = sum(1 for state in states if state in ("sync", "quorum"))
+        assert f"requires {required_standbys(names)} synchronous standby(s)" in finding.found
+        assert f"but {synchronous} in sync or quorum state" in finding.found
+
+
+def _set_standby_names(cluster: ReplicatedPostgres, names: str, sync_state: str) -> None:
+    """Reload the primary with ``names``; wait until a new session sees them and
+    the standby in ``sync_state``."""
+    conninfo = f"host=127.0.0.1 port={cluster.primary.port} user={PG_USER} dbname=postgres"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(names))
+        )
+        conn.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while True:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            seen = conn.execute(
+                "SELECT current_setting('synchronous_standby_names'), "
+                "(SELECT sync_state FROM pg_stat_replication)"
+            ).fetchone()
+        if seen == (names, sync_state):
+            return
+        assert time.monotonic() < deadline, f"the primary still reports {seen}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("server_binaries")
+def test_one_streaming_standby_is_not_enough_when_two_are_required() -> None:
+    with replicated_postgres(synchronous=True) as cluster:
+        found = {}
+        for names, sync_state in [
+            ("FIRST 2 (standby1, standby2)", "sync"),
+            ("2 (standby1, standby2)", "sync"),
+            ("ANY 2 (standby1, standby2)", "quorum"),
+            ("ANY 1 (standby1, standby2)", "quorum"),
+        ]:
+            _set_standby_names(cluster, names, sync_state)
+            found[names] = by_check(doctor_json(cluster.url)[1])["synchronous_standby"]
+    for names in ("FIRST 2 (standby1, standby2)", "2 (standby1, standby2)"):
+        assert found[names]["severity"] == "critical"
+        assert "requires 2 synchronous standby(s), but 1 in sync" in found[names]["found"]
+    assert found["ANY 2 (standby1, standby2)"]["severity"] == "critical"
+    assert found["ANY 1 (standby1, standby2)"] == {
+        "check": "synchronous_standby",
+        "severity": "ok",
+        "found": "1 synchronous standby(s), 1 required "
+        "(synchronous_standby_names = 'ANY 1 (standby1, standby2)')",
+        "fix": "",
+    }
 
 
 # Roles
@@ -428,6 +647,43 @@ def test_the_least_privilege_roles(roles: str) -> None:
 
     _, owned = doctor_json(roles)  # root, with the roles in place
     assert "a superuser" in by_check(owned)["role"]["found"]
+
+
+@pytest.fixture
+def owner_url(pg_admin: Engine) -> Iterator[str]:
+    """A database of its own, migrated by a login role of its own that is no
+    superuser: the owner of callindex's tables, as a deployment's owner is."""
+    role = f"callindex_doctor_owner_{uuid.uuid4().hex[:12]}"
+    with pg_admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+    try:
+        database = create_database(pg_admin)
+        try:
+            with pg_admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{database}" OWNER TO {role}'))
+            url = make_url(postgresql_url_of(database)).set(username=role)
+            owned = url.render_as_string(hide_password=False)
+            assert run("--db", owned, "db", "upgrade").exit_code == 0
+            yield owned
+        finally:
+            drop_database(pg_admin, database)
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+
+
+def test_running_as_the_owner_is_a_warning(owner_url: str) -> None:
+    # Whether or not callindex_app exists on the shared server (another
+    # test's roles fixture may hold it), the owner is reported as the owner.
+    code, report = doctor_json(owner_url)
+    assert code == 0  # a warning only
+    role = by_check(report)["role"]
+    owner = make_url(owner_url).username
+    assert role["severity"] == "warning"
+    assert role["found"].startswith(f"callindex runs as {owner}, the owner of calls: ")
+    assert "vouch trigger" in role["found"] and "disable" in role["found"]
+    assert "sql/postgresql-roles.sql" in role["fix"]
+    assert by_check(report)["schema"]["severity"] == "ok"
 
 
 # Nothing secret or forged is printed; a failure is one line

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import create_engine, exc, text
 
-from callindex import CallRecorder, DatabaseRetryPolicy
+from callindex import CallRecorder, DatabaseRetryPolicy, UnknownCallError
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -382,12 +382,14 @@ def record_through_failover(
     worker: str,
     stop: Any,
     early_release: bool,
+    last_returned: Any,
+    slot: int,
 ) -> None:
     """Until ``stop`` is set, cycle through ``record_call`` on the shared state,
     ``begin_call``/``finish_call`` on the worker's own state, a reservation of
     three indices on the shared state and ``record_call`` on the own state;
     report what was acknowledged, when each operation returned, and how many
-    database retries it took."""
+    database retries it took. ``last_returned[slot]`` follows the last return."""
     try:
         retries = count_retries()
         policy = DatabaseRetryPolicy(
@@ -397,6 +399,7 @@ def record_through_failover(
         acknowledged: dict[str, tuple[str, int]] = {}
         reservations: list[tuple[str, int, int]] = []
         returned: list[float] = []
+        lost_begins = 0
         with CallRecorder(url, retry=policy, early_release=early_release) as recorder:
             recorder.open_state(own)
             barrier.wait()
@@ -410,7 +413,14 @@ def record_through_failover(
                     )
                 elif step == 1:
                     begun = recorder.begin_call(own, "llm", {"n": n}, call_id=call_id)
-                    call = recorder.finish_call(begun.call_id, "success", {"n": n})
+                    try:
+                        call = recorder.finish_call(begun.call_id, "success", {"n": n})
+                    except UnknownCallError:
+                        # Begun on a primary whose asynchronous standby never
+                        # got it, then promoted: the pending call is gone.
+                        lost_begins += 1
+                        n += 1
+                        continue
                 elif step == 2:
                     first = recorder.allocate_call_index("shared", 3)
                     reservations.append(("shared", first, 3))
@@ -419,6 +429,7 @@ def record_through_failover(
                 if step != 2:
                     acknowledged[call.call_id] = (call.state_id, call.call_index)
                 returned.append(time.time())
+                last_returned[slot] = returned[-1]
                 n += 1
                 time.sleep(0.002)
         results.put(
@@ -427,6 +438,7 @@ def record_through_failover(
                 "reservations": reservations,
                 "returned": returned,
                 "retries": retries.retries,
+                "lost_begins": lost_begins,
             }
         )
     except Exception as error:

@@ -14,10 +14,12 @@ applicable; ``journal_mode`` and ``synchronous`` are checked instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal, TypeVar
 
+from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Engine
 
 from callindex import audit, migrations
@@ -82,14 +84,15 @@ class Diagnosis:
 def server_findings(
     settings: Mapping[str, str], standby_states: Sequence[str | None] = ()
 ) -> list[Finding]:
-    """PostgreSQL's durability settings, as ``SHOW`` gives them in callindex's
-    session (``synchronous_commit``, ``synchronous_standby_names``, ``fsync``,
-    ``full_page_writes``; optionally ``synchronous_commit_default``, the value
-    the role's sessions start with), and the ``sync_state`` of every row of
-    ``pg_stat_replication`` (``None`` where the role may not see it)."""
+    """PostgreSQL's durability settings: ``synchronous_commit`` as the role's
+    sessions start with it (``pg_settings.reset_val``; optionally
+    ``synchronous_commit_in_callindex``, the value callindex's own sessions
+    set), ``synchronous_standby_names``, ``fsync`` and ``full_page_writes``;
+    and the ``sync_state`` of every row of ``pg_stat_replication`` (``None``
+    where the role may not see it)."""
     return [
         synchronous_commit_finding(
-            settings["synchronous_commit"], settings.get("synchronous_commit_default")
+            settings["synchronous_commit"], settings.get("synchronous_commit_in_callindex")
         ),
         synchronous_standby_finding(settings["synchronous_standby_names"], standby_states),
         fsync_finding(settings["fsync"]),
@@ -97,21 +100,35 @@ def server_findings(
     ]
 
 
-def synchronous_commit_finding(value: str, session_default: str | None = None) -> Finding:
-    found = f"synchronous_commit = {value} in callindex's sessions"
-    if session_default is not None and session_default != value:
-        found += f" (this role's sessions start with {session_default}; callindex sets it)"
-    if value in ("off", "local"):
+def synchronous_commit_finding(start: str, in_callindex: str | None = None) -> Finding:
+    """``start``: the value this role's sessions start with; ``in_callindex``:
+    the value callindex's own sessions set (``on``, whatever ``start`` is)."""
+    found = f"this role's sessions start with synchronous_commit = {start}"
+    if in_callindex is not None:
+        found += f" (callindex's own sessions set {in_callindex})"
+    if start in ("off", "local"):
+        not_yet = "on disk or on a standby" if start == "off" else "on a standby"
         return Finding(
             "synchronous_commit",
             WARNING,
-            f"{found}: commits do not wait for standbys",
-            "callindex makes each acknowledged write durable on this server itself (each "
-            "write asks for synchronous_commit = on; early release flushes before it "
-            f"acknowledges), but `{value}` does not wait for standbys: set "
+            f"{found}: a session that keeps it (an SQL caller, a legacy writer, psql) "
+            f"acknowledges commits before they are {not_yet}",
+            "callindex makes its own writes durable (each asks for synchronous_commit = on), "
+            f"but `{start}` does not wait for standbys in other sessions of this role: set "
             "synchronous_commit = on for this role (ALTER ROLE ... SET synchronous_commit = on)",
         )
     return Finding("synchronous_commit", OK, found)
+
+
+_NUM_SYNC: Final = re.compile(r"^\s*(?:(?:FIRST|ANY)\s+)?([0-9]+)\s*\(", re.IGNORECASE)
+
+
+def required_standbys(names: str) -> int:
+    """How many standbys a commit waits for under ``synchronous_standby_names``:
+    the number of its ``FIRST n (...)``, ``ANY n (...)`` and ``n (...)`` forms,
+    1 for a plain list of names (or ``*``)."""
+    match = _NUM_SYNC.match(names)
+    return int(match.group(1)) if match else 1
 
 
 def synchronous_standby_finding(names: str, standby_states: Sequence[str | None]) -> Finding:
@@ -125,10 +142,13 @@ def synchronous_standby_finding(names: str, standby_states: Sequence[str | None]
             "configure a synchronous standby (synchronous_standby_names, or Patroni's "
             "synchronous_mode); a single server that never fails over may leave this warning",
         )
-    synchronous = [state for state in standby_states if state in ("sync", "quorum")]
+    required = required_standbys(names)
+    synchronous = sum(1 for state in standby_states if state in ("sync", "quorum"))
     setting = f"synchronous_standby_names = {names!r}"
-    if synchronous:
-        return Finding(check, OK, f"{len(synchronous)} synchronous standby(s) ({setting})")
+    if synchronous >= required:
+        return Finding(
+            check, OK, f"{synchronous} synchronous standby(s), {required} required ({setting})"
+        )
     if any(state is None for state in standby_states):
         return Finding(
             check,
@@ -139,10 +159,12 @@ def synchronous_standby_finding(names: str, standby_states: Sequence[str | None]
     return Finding(
         check,
         CRITICAL,
-        f"{setting}, but no standby is in sync or quorum state: commits wait for one "
-        "(or, if the wait is given up, are not on any standby)",
-        "start or reconnect a synchronous standby, or make synchronous_standby_names name "
-        "the standbys that stream (pg_stat_replication.application_name)",
+        f"{setting} requires {required} synchronous standby(s), but {synchronous} in sync "
+        "or quorum state: commits wait for the missing ones (or, if the wait is given up, are "
+        f"on fewer than {required} standby(s))",
+        "start or reconnect the synchronous standbys, or make synchronous_standby_names name "
+        "the standbys that stream (pg_stat_replication.application_name) and require no "
+        "more of them than stream",
     )
 
 
@@ -170,12 +192,16 @@ def full_page_writes_finding(value: str) -> Finding:
 
 @dataclass(frozen=True)
 class RoleFacts:
-    """The role callindex runs as, as the catalog describes it."""
+    """The role callindex runs as, as the catalog describes it. ``calls_owner``
+    is the role that owns ``calls`` (``None`` without the table);
+    ``owns_calls``, whether the role is it or a member of it."""
 
     name: str
     superuser: bool
     app_role_exists: bool
     member_of_app: bool
+    calls_owner: str | None = None
+    owns_calls: bool = False
 
 
 def role_finding(role: RoleFacts) -> Finding:
@@ -191,6 +217,24 @@ def role_finding(role: RoleFacts) -> Finding:
             "of the trail",
             fix,
         )
+    if role.owns_calls:
+        owner = (
+            "the owner of calls"
+            if role.calls_owner in (None, role.name)
+            else f"a member of {role.calls_owner}, the owner of calls"
+        )
+        return Finding(
+            "role",
+            WARNING,
+            f"callindex runs as {role.name}, {owner}: the guards that spare the owner "
+            "(CURRENT_USER <> owner: the vouch trigger) do not check its inserts, and it can "
+            "disable the trail's triggers",
+            fix
+            if role.app_role_exists
+            else f"create the least-privilege roles as the owner (sql/postgresql-roles.sql) and "
+            f"log the workers in as a role granted {APP_ROLE}; keep the owner for migrations, "
+            "sweep and repair",
+        )
     if role.app_role_exists and not role.member_of_app:
         return Finding(
             "role",
@@ -204,7 +248,8 @@ def role_finding(role: RoleFacts) -> Finding:
     return Finding(
         "role",
         OK,
-        f"callindex runs as {role.name}, not a superuser ({APP_ROLE} does not exist)",
+        f"callindex runs as {role.name}, neither a superuser nor the owner of calls "
+        f"({APP_ROLE} does not exist)",
     )
 
 
@@ -250,14 +295,40 @@ def not_applicable_on_sqlite() -> list[Finding]:
     ]
 
 
-def schema_finding(error: SchemaError | None, status: migrations.SchemaStatus | None) -> Finding:
-    """The schema's revision (``status``), or the error :func:`migrations.check` raised."""
+def schema_finding(
+    error: SchemaError | None,
+    status: migrations.SchemaStatus | None,
+    shipped: Collection[str] = (),
+) -> Finding:
+    """The schema's revision (``status``), or the error :func:`migrations.check`
+    raised; ``shipped``, the revisions this library ships (a revision among
+    them but not the head is behind it)."""
     if error is not None:
         found, _, fix = str(error).partition(": ")
         return Finding("schema", CRITICAL, found, fix or "run `callindex db check` for details")
     assert status is not None
-    where = "the newest" if status.up_to_date else "a revision this callindex writes on"
-    return Finding("schema", OK, f"at {status.current}, {where} (head {status.head})")
+    if status.up_to_date:
+        return Finding("schema", OK, f"at {status.current}, the newest (head {status.head})")
+    if status.current in shipped:
+        return Finding(
+            "schema",
+            WARNING,
+            f"at {status.current}, behind the head ({status.head}): callindex writes on it, "
+            "but the commands that need a newer revision fail",
+            "run `callindex db upgrade`",
+        )
+    return Finding(
+        "schema",
+        OK,
+        f"at {status.current}, ahead of the head ({status.head}), a revision that still "
+        "serves this callindex",
+    )
+
+
+def shipped_revisions() -> frozenset[str]:
+    """Every revision this library ships."""
+    scripts = ScriptDirectory.from_config(migrations.alembic_config())
+    return frozenset(script.revision for script in scripts.walk_revisions())
 
 
 def trail_findings(report: audit.Report) -> list[Finding]:
@@ -354,9 +425,9 @@ def _findings(db: Database, pending_threshold_seconds: float) -> list[Finding]:
             not_checked("journal_mode", why, fix),
             not_checked("synchronous", why, fix),
         ]
-    schema = read_schema(db)
+    schema, confirmed = read_schema(db)
     found.append(schema)
-    if schema.severity != OK:
+    if not confirmed:
         fix = "fix the schema first, then run `callindex doctor` again"
         why = "the schema is not confirmed at a revision this callindex reads"
         return found + [not_checked(check, why, fix) for check in TRAIL_CHECKS]
@@ -375,8 +446,8 @@ def in_library_session(db: Database, work: Callable[[Any], T]) -> T:
 
 
 _SETTINGS: Final = """
-SELECT current_setting('synchronous_commit'),
-       (SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'),
+SELECT (SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'),
+       current_setting('synchronous_commit'),
        current_setting('synchronous_standby_names'),
        current_setting('fsync'),
        current_setting('full_page_writes')
@@ -386,9 +457,11 @@ SELECT current_setting('synchronous_commit'),
 def read_server_settings(db: Database) -> dict[str, str]:
     def read(conn: Any) -> dict[str, str]:
         row = conn.execute(_SETTINGS).fetchone()
+        # callindex's session sets synchronous_commit = on: the value its role's
+        # other sessions start with is the one RESET goes back to.
         names = (
             "synchronous_commit",
-            "synchronous_commit_default",
+            "synchronous_commit_in_callindex",
             "synchronous_standby_names",
             "fsync",
             "full_page_writes",
@@ -409,17 +482,27 @@ _ROLE: Final = f"""
 SELECT current_user::text,
        role.rolsuper,
        app.oid IS NOT NULL,
-       COALESCE(pg_has_role(current_user, app.oid, 'MEMBER'), false)
+       COALESCE(pg_has_role(current_user, app.oid, 'MEMBER'), false),
+       pg_get_userbyid(calls.relowner)::text,
+       COALESCE(pg_has_role(current_user, calls.relowner, 'MEMBER'), false)
 FROM pg_roles AS role
 LEFT JOIN pg_roles AS app ON app.rolname = '{APP_ROLE}'
+LEFT JOIN pg_class AS calls ON calls.oid = to_regclass('calls')
 WHERE role.rolname = current_user
 """
 
 
 def read_role(db: Database) -> RoleFacts:
     def read(conn: Any) -> RoleFacts:
-        name, superuser, app_role_exists, member = conn.execute(_ROLE).fetchone()
-        return RoleFacts(str(name), bool(superuser), bool(app_role_exists), bool(member))
+        name, superuser, app_role_exists, member, owner, owns = conn.execute(_ROLE).fetchone()
+        return RoleFacts(
+            str(name),
+            bool(superuser),
+            bool(app_role_exists),
+            bool(member),
+            None if owner is None else str(owner),
+            bool(owns),
+        )
 
     return in_library_session(db, read)
 
@@ -434,18 +517,21 @@ def read_sqlite_pragmas(db: Database) -> dict[str, str]:
     return in_library_session(db, read)
 
 
-def read_schema(db: Database) -> Finding:
+def read_schema(db: Database) -> tuple[Finding, bool]:
+    """The schema's finding, and whether it is confirmed at a revision this
+    callindex reads (then the trail is checked)."""
     try:
         status = migrations.check(db)
     except SchemaError as error:
-        return schema_finding(error, None)
+        return schema_finding(error, None), False
     except PermissionDeniedError:
-        return not_checked(
+        finding = not_checked(
             "schema",
             "this role may not read the schema revision",
             "run `callindex doctor` as the owner or a role granted callindex_auditor",
         )
-    return schema_finding(None, status)
+        return finding, False
+    return schema_finding(None, status, shipped_revisions()), True
 
 
 def read_trail(db: Database, pending_threshold_seconds: float) -> list[Finding]:
