@@ -124,7 +124,7 @@ WHERE counters.state_id = CAST(:state_id AS text)
       WHERE call_seals.state_id = CAST(:state_id AS text)
         AND call_seals.last_index >= CAST(:call_index AS bigint))
 -- Held until commit: a seal of the state waits for this call (lock_counter).
-FOR SHARE OF counters
+FOR KEY SHARE OF counters
 RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
 
 -- record_released --
