@@ -68,7 +68,7 @@ GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
 -- its first call. A new counter holds no calls yet (calls reference it), so
 -- inserting one cannot put a recorded call out of the counter's reach.
 GRANT INSERT (state_id, next_index) ON call_index_counters TO callindex_app;
-GRANT SELECT ON callindex_alembic_version, callindex_schema_interfaces TO callindex_app;
+GRANT SELECT ON callindex_alembic_version, callindex_schema_interfaces, call_seals TO callindex_app;
 GRANT EXECUTE ON FUNCTION
     callindex_open_state_v2(text),
     callindex_reserve_v2(text, integer),

@@ -1195,6 +1195,21 @@ CREATE TRIGGER callindex_guard_seals BEFORE UPDATE OR DELETE ON call_seals FOR E
 
 CREATE TRIGGER callindex_guard_seals_truncate BEFORE TRUNCATE ON call_seals FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_seals();
 
+DO $$
+DECLARE
+    grantee name;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT pg_get_userbyid(acl.grantee)
+        FROM pg_class, aclexplode(pg_class.relacl) AS acl
+        WHERE pg_class.oid = 'calls'::regclass AND acl.privilege_type = 'SELECT'
+          AND acl.grantee NOT IN (0, pg_class.relowner)
+    LOOP
+        EXECUTE format('GRANT SELECT ON call_seals TO %I', grantee);
+    END LOOP;
+END;
+$$;
+
 UPDATE callindex_alembic_version SET version_num='0011' WHERE callindex_alembic_version.version_num = '0010';
 
 COMMIT;

@@ -333,3 +333,33 @@ def test_sealing_works_on_an_adopted_table(postgresql_empty_url: str) -> None:
                      "(SELECT min(state_id) FROM calls)")  # fmt: skip
     with CallRecorder(postgresql_empty_url) as recorder:
         assert len(recorder.verify(seals=True).seal_mismatches) == 1
+
+
+def test_whoever_reads_calls_may_read_the_seals_after_the_upgrade(
+    postgresql_empty_url: str, pg_admin: Any
+) -> None:
+    """record_call(call_index=k) reads its state's seals: migration 0011 grants
+    SELECT on call_seals to every role that may read calls."""
+    from callindex import migrations
+
+    role = "callindex_test_seal_reader"
+    db = Database(postgresql_empty_url)
+    migrations.upgrade(db, "0010")
+    with pg_admin.connect() as conn:
+        conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        conn.execute(text(f"CREATE ROLE {role} NOLOGIN"))
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text(f"GRANT SELECT ON calls TO {role}"))
+        migrations.upgrade(db)
+        with db.engine.connect() as conn:
+            allowed = conn.execute(
+                text("SELECT has_table_privilege(:role, 'call_seals', 'SELECT')"), {"role": role}
+            ).scalar_one()
+        assert allowed is True
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+        db.dispose()
+        with pg_admin.connect() as conn:
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))

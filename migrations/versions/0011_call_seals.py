@@ -35,6 +35,25 @@ CREATE TABLE call_seals (
 """
 SERVED = "INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0011', 2)"
 
+# record_call(call_index=k) reads the seals of its state: whoever may read
+# calls may read call_seals (sql/postgresql-roles.sql grants the same).
+PG_GRANT_READERS = """
+DO $$
+DECLARE
+    grantee name;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT pg_get_userbyid(acl.grantee)
+        FROM pg_class, aclexplode(pg_class.relacl) AS acl
+        WHERE pg_class.oid = 'calls'::regclass AND acl.privilege_type = 'SELECT'
+          AND acl.grantee NOT IN (0, pg_class.relowner)
+    LOOP
+        EXECUTE format('GRANT SELECT ON call_seals TO %I', grantee);
+    END LOOP;
+END;
+$$
+"""
+
 PG_GUARD = (
     """
 CREATE FUNCTION callindex_guard_seals() RETURNS trigger
@@ -85,6 +104,8 @@ def upgrade() -> None:
     op.execute(SERVED)
     for statement in PG_GUARD if postgresql else SQLITE_GUARD:
         op.execute(statement)
+    if postgresql:
+        op.execute(PG_GRANT_READERS)
 
 
 def downgrade() -> None:
