@@ -452,3 +452,23 @@ class TestKeysThatHTTPCannotCarryAreRefused:
             Redactor(path_patterns=["/bot(["])
         with pytest.raises(InvalidInputError):
             Redactor(names="token")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "sensitive"),
+    [
+        ("prompt_tokens", False),
+        ("completion_tokens", False),
+        ("max_tokens", False),
+        ("gen_ai.usage.input_tokens", False),
+        ("access_token", True),
+        ("refresh_token", True),
+        ("x-auth-token", True),
+        ("tokens", True),
+        ("api_key_tokens", True),  # another fragment: still a secret
+    ],
+)
+def test_token_counts_are_not_secrets(name: str, sensitive: bool) -> None:
+    from callindex.redaction import is_sensitive
+
+    assert is_sensitive(name) is sensitive

@@ -66,6 +66,7 @@ SENSITIVE_FRAGMENTS: Final = (
     "signature",
     "jwt",
 )
+_TOKEN_COUNT: Final = re.compile(r"[a-z0-9_.-]+[_.-]tokens")
 URL_HEADERS: Final = frozenset({"location", "content-location", "link", "refresh"})
 
 _MIN_SECRET_LENGTH: Final = 4
@@ -84,9 +85,15 @@ _AUTH_SCHEME: Final = re.compile(r"(?i)^\s*(?P<scheme>bearer|basic|token|digest)
 
 
 def is_sensitive(name: str, extra: Iterable[str] = ()) -> bool:
-    """Whether a header, parameter or field named ``name`` may carry a secret."""
+    """Whether a header, parameter or field named ``name`` may carry a secret.
+
+    Counts of tokens (``prompt_tokens``, ``max_tokens``, ``output_tokens``)
+    hold numbers, not secrets, although their names hold "token"."""
     lowered = name.strip().lower()
-    if lowered in SENSITIVE_NAMES or any(f in lowered for f in SENSITIVE_FRAGMENTS):
+    fragments = [f for f in SENSITIVE_FRAGMENTS if f in lowered]
+    if fragments == ["token"] and _TOKEN_COUNT.fullmatch(lowered):
+        fragments = []
+    if lowered in SENSITIVE_NAMES or fragments:
         return True
     return any(lowered == e or e in lowered for e in extra)
 
