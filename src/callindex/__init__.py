@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         LLMRateLimitedError,
         PayloadTooLargeError,
         PermissionDeniedError,
+        ReplayMismatchError,
         SchemaError,
         SchemaMissingError,
         SchemaVersionError,
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     )
     from callindex.payloads import MAX_PAYLOAD_BYTES
     from callindex.recorder import CallRecorder
+    from callindex.replay import ReplayTransport
     from callindex.retry import DatabaseRetryPolicy, RetryPolicy
 
 _ERRORS = [
@@ -95,6 +97,7 @@ _ERRORS = [
     "LLMRateLimitedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReplayMismatchError",
     "SchemaError",
     "SchemaMissingError",
     "SchemaVersionError",
@@ -121,6 +124,7 @@ _MODULES: dict[str, str] = {
     "CallType": "callindex.calls",
     "MAX_PAYLOAD_BYTES": "callindex.payloads",
     "CallRecorder": "callindex.recorder",
+    "ReplayTransport": "callindex.replay",
     "DatabaseRetryPolicy": "callindex.retry",
     "RetryPolicy": "callindex.retry",
 }
@@ -183,6 +187,8 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "Redactor",
+    "ReplayMismatchError",
+    "ReplayTransport",
     "Report",
     "RetryPolicy",
     "SchemaError",

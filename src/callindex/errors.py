@@ -36,6 +36,7 @@ Hierarchy::
     │   ├── CallRefusedError           a call's values refused by the database's checks
     │   ├── ImmutableSealError         the database refused to change or delete a seal
     │   └── PermissionDeniedError      the database role lacks a privilege
+    ├── ReplayMismatchError        a request a ReplayTransport has no recorded call for
     └── LLMError                   a completion the LLM clients cannot return (call recorded)
         ├── LLMRateLimitedError            still 429 when the retries ran out
         ├── LLMContentFilteredError        finish_reason content_filter, or no content
@@ -193,6 +194,27 @@ class ImmutableSealError(DatabaseError):
 class PermissionDeniedError(DatabaseError):
     """The database role lacks a privilege for what was asked (see
     sql/postgresql-roles.sql)."""
+
+
+class ReplayMismatchError(CallIndexError):
+    """A request that :class:`~callindex.replay.ReplayTransport` cannot serve: it
+    differs from the next recorded call (strict mode; ``differing`` names which
+    of ``method``, ``url`` and ``body``), none left matches it (lenient mode),
+    or every recorded call has been served. The message holds redacted URLs
+    only, never a body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state_id: str,
+        call_index: int | None = None,
+        differing: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.state_id = state_id
+        self.call_index = call_index
+        self.differing = differing
 
 
 class LLMError(CallIndexError):

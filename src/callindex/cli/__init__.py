@@ -32,6 +32,7 @@ SUBCOMMANDS: Final = {
     "repair": "callindex.cli.trail:repair",
     "seal": "callindex.cli.trail:seal",
     "doctor": "callindex.cli.doctor:doctor",
+    "diff": "callindex.cli.diff:diff",
     "demo": "callindex.cli.demo:demo",
     "bench": "callindex.cli.bench:bench",
 }
