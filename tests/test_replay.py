@@ -5,6 +5,8 @@ by the same fingerprints replay matches on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -310,3 +312,69 @@ def test_diff_lists_the_calls_that_differ(
     assert unknown.stderr.strip() == "Error: unknown state 'nope': open it first " + (
         "(CallRecorder.open_state or `callindex state open`)"
     )
+
+
+def _record_through(recorder: CallRecorder, handler: Any) -> None:
+    """Record one GET answered by ``handler`` (an httpx.MockTransport: the body is read
+    before the audited transport sees it, as with a cache), into run-1."""
+    inner = httpx.MockTransport(handler)
+    with (
+        httpx.Client(transport=AuditedTransport(recorder, "run-1", inner)) as client,
+        contextlib.suppress(httpx.TransportError),  # a body that broke off
+    ):
+        client.get("https://api.example/items/1").read()
+
+
+def test_a_body_recorded_decoded_replays_without_its_encoding(
+    sqlite_recorder: CallRecorder,
+) -> None:
+    compressed = gzip.compress(json.dumps({"id": "1"}).encode())
+    _record_through(
+        sqlite_recorder,
+        lambda request: httpx.Response(
+            200, headers={"content-encoding": "gzip"}, content=compressed
+        ),
+    )
+    replay = ReplayTransport(sqlite_recorder, "run-1")
+    with httpx.Client(transport=replay) as client:
+        assert client.get("https://api.example/items/1").json() == {"id": "1"}
+
+
+def test_a_body_that_broke_off_replays_the_same_failure(sqlite_recorder: CallRecorder) -> None:
+    class BrokenOff(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b'{"partial":'
+            raise httpx.RemoteProtocolError("peer closed connection")
+
+    _record_through(sqlite_recorder, lambda request: httpx.Response(200, stream=BrokenOff()))
+    (recorded,) = sqlite_recorder.calls("run-1")
+    assert recorded.status == "error" and recorded.error["type"] == "RemoteProtocolError"
+    with (
+        httpx.Client(transport=ReplayTransport(sqlite_recorder, "run-1")) as client,
+        pytest.raises(httpx.RemoteProtocolError, match="peer closed"),
+    ):
+        client.get("https://api.example/items/1")
+
+
+def test_a_body_stored_cut_is_not_served_short(sqlite_recorder: CallRecorder) -> None:
+    large = b"x" * (300 * 1024)
+    _record_through(sqlite_recorder, lambda request: httpx.Response(200, content=large))
+    with (
+        httpx.Client(transport=ReplayTransport(sqlite_recorder, "run-1")) as client,
+        pytest.raises(ReplayMismatchError, match="cannot be replayed"),
+    ):
+        client.get("https://api.example/items/1")
+
+
+def test_a_mismatch_never_quotes_a_secret_of_the_url(
+    sqlite_recorder: CallRecorder, api: LoopbackAPI
+) -> None:
+    record_two(sqlite_recorder, api)
+    replay = ReplayTransport(sqlite_recorder, "run-1")
+    with (
+        httpx.Client(base_url=api.url, transport=replay) as client,
+        pytest.raises(ReplayMismatchError, match="call_index 0") as caught,
+    ):
+        client.get("/items/2?token=sk-planted-9999")
+    assert "sk-planted-9999" not in str(caught.value)
+    assert caught.value.differing == ("url",)

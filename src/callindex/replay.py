@@ -18,7 +18,7 @@ import importlib
 import json
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -40,7 +40,7 @@ REPLAYED_STATUSES: Final = frozenset({"success", "error"})
 # secret, so replay compares every secret as equal to every other.
 _SECRET_FINGERPRINT: Final = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 # Body fields that are the content itself (not its length, which re-encoding changes).
-_CONTENT_FIELDS: Final = ("json", "text", "base64", "sha256")
+_CONTENT_FIELDS: Final = ("json", "text", "base64", "sha256", "truncated", "incomplete")
 # Headers the rebuilt response computes from the body it is given.
 _RECOMPUTED_HEADERS: Final = frozenset({"content-length", "transfer-encoding"})
 _MATCHED: Final = ("method", "url", "body")
@@ -74,13 +74,16 @@ def response_fingerprint(call: Call) -> dict[str, Any]:
     """What ``callindex diff`` compares of an outcome: the status code and the
     hash of the body's content, or the error type when no response came."""
     response = call.response if isinstance(call.response, dict) else {}
-    fingerprint: dict[str, Any] = {
+    return {
+        "status": call.status,
         "status_code": response.get("status_code"),
         "body": body_hash(response.get("body")),
+        "error": _error_type(call),
     }
-    if not response:
-        fingerprint["error"] = call.error.get("type") if isinstance(call.error, dict) else None
-    return fingerprint
+
+
+def _error_type(call: Call) -> str | None:
+    return str(call.error.get("type")) if isinstance(call.error, dict) else None
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -173,7 +176,11 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if not calls and not self.recorder.is_open(self.state_id):
                 raise UnknownStateError(self.state_id)
             self._recorded = [
-                c for c in calls if is_exchange(c.request) and c.status in REPLAYED_STATUSES
+                c
+                for c in calls
+                if is_exchange(c.request)
+                and c.status in REPLAYED_STATUSES
+                and _error_type(c) != "cancelled"  # interrupted here, not by the network
             ]
             self._served = [False] * len(self._recorded)
 
@@ -240,20 +247,65 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
 def replayed(call: Call, request: Any) -> Any:
     """The recorded outcome of ``call`` as the request's own library builds it:
-    a response, or the transport error the call got."""
+    a response, or the transport error the call got (after the bytes that
+    came, for a body that broke off)."""
     library = importlib.import_module(type(request).__module__.partition(".")[0])
     response = call.response
     if not isinstance(response, dict) or "status_code" not in response:
         raise transport_error(library, call.error, request)
+    record = response.get("body")
+    if isinstance(record, dict) and record.get("truncated"):
+        raise ReplayMismatchError(
+            f"call_index {call.call_index} cannot be replayed: its body was stored cut "
+            f"to its first part ({record.get('length')} bytes in all)",
+            state_id=call.state_id,
+            call_index=call.call_index,
+            differing=("body",),
+        )
     headers = [
         (name, value)
         for name, value in (response.get("headers") or {}).items()
         if name.lower() not in _RECOMPUTED_HEADERS
     ]
-    content = body_bytes(response.get("body"))
-    return library.Response(
-        response["status_code"], headers=headers, content=content, request=request
-    )
+    content = body_bytes(record)
+    if _error_type(call) not in (None, "http_status"):
+        failure = transport_error(library, call.error, request)
+        return library.Response(
+            response["status_code"],
+            headers=headers,
+            stream=_broken_stream(library, content, failure),
+            request=request,
+        )
+    try:
+        rebuilt = library.Response(
+            response["status_code"], headers=headers, content=content, request=request
+        )
+        rebuilt.read()
+    except library.DecodingError:
+        # The body was recorded decoded (a transport that read it first):
+        # served without the encoding it no longer has.
+        plain = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
+        rebuilt = library.Response(
+            response["status_code"], headers=plain, content=content, request=request
+        )
+    return rebuilt
+
+
+def _broken_stream(library: Any, content: bytes, failure: Exception) -> Any:
+    """A body that yields what was recorded, then fails as it did."""
+
+    class BrokenOff(library.SyncByteStream, library.AsyncByteStream):  # type: ignore[misc]
+        def __iter__(self) -> Iterator[bytes]:
+            if content:
+                yield content
+            raise failure
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            if content:
+                yield content
+            raise failure
+
+    return BrokenOff()
 
 
 def body_bytes(record: Any) -> bytes:
