@@ -145,6 +145,7 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self.redactor = redactor or Redactor.from_environment()
         self._recorded: list[Call] | None = None
         self._served: list[bool] = []
+        self._expected: list[dict[str, Any]] = []  # each recorded call's fingerprint
         self._lock = threading.Lock()
 
     @property
@@ -183,6 +184,7 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 and _error_type(c) != "cancelled"  # interrupted here, not by the network
             ]
             self._served = [False] * len(self._recorded)
+            self._expected = [request_fingerprint(c.request) for c in self._recorded]
 
     def _serve(self, request: Any) -> Any:
         fingerprint = self._fingerprint(request)
@@ -214,11 +216,11 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             )
         if self.mode == "lenient":
             for position in unserved:
-                if request_fingerprint(self._recorded[position].request) == fingerprint:
+                if self._expected[position] == fingerprint:
                     return position
             raise self._mismatch(None, "no recorded call left matches", fingerprint)
         position = unserved[0]
-        expected = request_fingerprint(self._recorded[position].request)
+        expected = self._expected[position]
         differing = [name for name in _MATCHED if expected[name] != fingerprint[name]]
         if differing:
             call = self._recorded[position]
