@@ -27,8 +27,7 @@ import httpx
 
 from callindex import payloads
 from callindex.calls import Call
-from callindex.clients.bodies import BodyTap
-from callindex.clients.transport import _request_content
+from callindex.clients.transport import request_body
 from callindex.errors import InvalidInputError, ReplayMismatchError, UnknownStateError
 from callindex.recorder import CallRecorder
 from callindex.redaction import DROPPED, Redactor
@@ -198,7 +197,7 @@ class ReplayTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _fingerprint(self, request: Any) -> dict[str, Any]:
         """The request reduced as :class:`AuditedTransport` records it, then fingerprinted."""
         url = str(request.url)
-        body = BodyTap(_request_content(request)).record(request.headers.get("content-type"))
+        body = request_body(request)
         secrets = self.redactor.secrets_in(url, request.headers.multi_items(), body)
         payload = {
             "method": request.method,

@@ -137,7 +137,7 @@ class _Exchange:
         self.finished = False
         headers = list(request.headers.multi_items())
         check_header_values(headers)
-        self.body = BodyTap(_request_content(request)).record(request.headers.get("content-type"))
+        self.body = request_body(request)
         self.secrets = transport.redactor.secrets_in(str(request.url), headers, self.body)
         self.tap = BodyTap()
 
@@ -238,11 +238,14 @@ class _Exchange:
         return (time.perf_counter() - self.started) * 1000
 
 
-def _request_content(request: Any) -> bytes:
+def request_body(request: Any) -> dict[str, Any] | None:
+    """The body record of a request, before redaction (replay reduces requests
+    with it too, so that both see a request the same way)."""
     try:
-        return bytes(request.content)
-    except Exception:  # a streamed upload, not read: record it without its body
-        return b""
+        content = bytes(request.content)
+    except Exception:  # a streamed upload, not read: recorded without its body
+        content = b""
+    return BodyTap(content).record(request.headers.get("content-type"))
 
 
 class _RecordingStreamBase:
