@@ -156,6 +156,52 @@ def record_many(
         results.put(f"{type(error).__name__}: {error}")
 
 
+def record_many_async(
+    barrier: Barrier,
+    results: Any,
+    url: str,
+    worker: str,
+    states: list[str],
+    tasks: int,
+    calls_per_task: int,
+) -> None:
+    """``tasks`` concurrent asyncio tasks on one :class:`AsyncCallRecorder`, each
+    recording ``calls_per_task`` calls round-robin over ``states`` (one-shot
+    and two-phase alternating); reports like :func:`record_many`."""
+    import asyncio
+
+    from callindex import AsyncCallRecorder
+
+    async def main() -> dict[str, tuple[str, int]]:
+        acknowledged: dict[str, tuple[str, int]] = {}
+        async with AsyncCallRecorder(url) as recorder:
+
+            async def task(t: int) -> None:
+                for n in range(calls_per_task):
+                    state_id = states[(t + n) % len(states)]
+                    call_id = f"{worker}-{t}-{n}"
+                    if n % 2:
+                        begun = await recorder.begin_call(state_id, "llm", {"n": n}, call_id)
+                        call = await recorder.finish_call(begun.call_id, "success", {"n": n})
+                    else:
+                        call = await recorder.record_call(
+                            state_id, "http", "success", {"n": n}, call_id=call_id
+                        )
+                    acknowledged[call.call_id] = (call.state_id, call.call_index)
+
+            await recorder.is_open(states[0])  # connect before the start line
+            barrier.wait()
+            await asyncio.gather(*(task(t) for t in range(tasks)))
+        return acknowledged
+
+    try:
+        retries = count_retries()
+        acknowledged = asyncio.run(main())
+        results.put({"acknowledged": acknowledged, "retries": retries.retries})
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
 def record_same_ids(barrier: Barrier, results: Any, url: str, state_id: str, calls: int) -> None:
     """Record call ids ``same-0..`` that another process records at the same time."""
     try:

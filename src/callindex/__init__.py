@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from callindex.async_recorder import AsyncCallRecorder
     from callindex.audit import Report
     from callindex.calls import Call, CallStatus, CallType
     from callindex.clients import (
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 
 _ERRORS = [
     "AdoptionError",
+    "AsyncCallRecorder",
     "CallAlreadyFinishedError",
     "CallIdConflictError",
     "CallIndexError",
@@ -123,6 +125,7 @@ _MODULES: dict[str, str] = {
     "CallStatus": "callindex.calls",
     "CallType": "callindex.calls",
     "MAX_PAYLOAD_BYTES": "callindex.payloads",
+    "AsyncCallRecorder": "callindex.async_recorder",
     "CallRecorder": "callindex.recorder",
     "ReplayTransport": "callindex.replay",
     "DatabaseRetryPolicy": "callindex.retry",
@@ -148,6 +151,7 @@ __all__ = [
     "AdoptionError",
     "AsyncAuditedHTTPClient",
     "AsyncAuditedLLMClient",
+    "AsyncCallRecorder",
     "AuditedHTTPClient",
     "AuditedLLMClient",
     "AuditedTransport",

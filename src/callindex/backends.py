@@ -327,7 +327,7 @@ class PostgreSQLBackend(Backend):
         # synchronous_commit again for its own transaction. A statement that
         # waits for a lock times out as a lock wait (twice the time for the
         # statement as a whole).
-        self._session = (
+        self.session_settings = (
             "SET synchronous_commit = on; "
             f"SET lock_timeout = {milliseconds}; "
             f"SET statement_timeout = {2 * milliseconds}"
@@ -340,7 +340,7 @@ class PostgreSQLBackend(Backend):
                 if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     conn.rollback()
                 conn.autocommit = True
-                conn.execute(self._session)
+                conn.execute(self.session_settings)
             except BaseException:
                 conn.close()
                 raise
@@ -429,14 +429,22 @@ class PostgreSQLBackend(Backend):
             return first
 
     def insert_call(self, parameters: Mapping[str, Any], *, opening: bool = False) -> Inserted:
-        statement = "record_released" if self._releases_early() else "insert_call"
-        if opening and statement == "insert_call":
-            statement = "insert_call_opening"
-        rows = self._insert(statement, parameters)
-        if opening and (not rows or rows[0][0] is None):
+        rows = self._insert(self.insert_statement(opening=opening), parameters)
+        if opening and not inserted_any(rows):
             # Early release found the state unknown: open it as the call is recorded.
             rows = self._insert("insert_call_opening", parameters)
-        if not rows or rows[0][0] is None:
+        return self.inserted(rows, parameters)
+
+    def insert_statement(self, *, opening: bool) -> str:
+        """The statement that records a call now (early release or not)."""
+        if self._releases_early():
+            return "record_released"
+        return "insert_call_opening" if opening else "insert_call"
+
+    def inserted(self, rows: list[tuple[Any, ...]], parameters: Mapping[str, Any]) -> Inserted:
+        """What an insert statement returned, noting whether it waited for the
+        counter row (adaptive early release)."""
+        if not inserted_any(rows):
             raise UnknownStateError(parameters["state_id"])
         call_index, created_at, completed_at, waited_ms = rows[0]
         if self.early_release is None and waited_ms > self.CONTENDED_AFTER_MS:
@@ -461,10 +469,7 @@ class PostgreSQLBackend(Backend):
                 if self._recorded(parameters["call_id"]):
                     raise CallIdTaken from None
                 return None  # a concurrent insert took the index first
-        if not rows:
-            return None
-        call_index, created_at, completed_at, _ = rows[0]
-        return Inserted(int(call_index), created_at, completed_at)
+        return inserted_at(rows)
 
     def _recorded(self, call_id: str) -> bool:
         with self.pool.connection() as conn:
@@ -474,11 +479,29 @@ class PostgreSQLBackend(Backend):
     def finish_call(self, parameters: Mapping[str, Any]) -> Mapping[str, Any] | None:
         with self.translated(), self.pool.connection() as conn:
             cursor = self._execute(conn, "finish_call", {**parameters, "synchronous_commit": "on"})
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            assert cursor.description is not None
-            return dict(zip([c.name for c in cursor.description], row, strict=True))
+            return named(cursor.description, cursor.fetchone())
+
+
+def inserted_any(rows: list[tuple[Any, ...]]) -> bool:
+    return bool(rows) and rows[0][0] is not None
+
+
+def inserted_at(rows: list[tuple[Any, ...]]) -> Inserted | None:
+    """What ``insert_call_at`` returned: ``None`` when it wrote nothing."""
+    if not rows:
+        return None
+    call_index, created_at, completed_at, _ = rows[0]
+    return Inserted(int(call_index), created_at, completed_at)
+
+
+def named(
+    description: list[psycopg.Column] | None, row: tuple[Any, ...] | None
+) -> dict[str, Any] | None:
+    """A psycopg row as ``{column: value}``."""
+    if row is None:
+        return None
+    assert description is not None
+    return dict(zip([column.name for column in description], row, strict=True))
 
 
 class SQLiteBackend(Backend):

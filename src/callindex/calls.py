@@ -7,17 +7,18 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, NoReturn, cast, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, cast, get_args
 
 from callindex import payloads
-from callindex.backends import CallIdTaken
+from callindex.backends import CallIdTaken, Inserted
 from callindex.database import Database, Statements
 from callindex.errors import (
     CallAlreadyFinishedError,
     CallIdConflictError,
+    CallIndexError,
     IndexNotReservedError,
     IndexSealedError,
     IndexTakenError,
@@ -25,6 +26,9 @@ from callindex.errors import (
     UnknownCallError,
     UnknownStateError,
 )
+
+if TYPE_CHECKING:
+    from callindex.async_backend import AsyncDatabase
 
 CallType = str
 """A call's kind: a short identifier such as ``http``, ``llm``, ``sql``,
@@ -205,12 +209,14 @@ def insert(db: Database, parameters: Mapping[str, Any], *, opening: bool = False
     """
     try:
         if "call_index" in parameters:
-            at = db.write(lambda backend: backend.insert_call_at(parameters))
-            if at is None:
+            inserted = db.write(lambda backend: backend.insert_call_at(parameters))
+            if inserted is None:
                 if db.read(lambda statements: find(statements, parameters["call_id"])):
                     raise CallIdTaken  # recorded by an earlier attempt: see below
-                _refused_index(db, parameters, opening)
-            inserted = at
+                reservation = db.read(
+                    lambda statements: statements.rows("reservation_of", _reservation(parameters))
+                )
+                raise _refusal(reservation, parameters, opening)
         else:
             inserted = db.write(lambda backend: backend.insert_call(parameters, opening=opening))
     except CallIdTaken:
@@ -219,6 +225,35 @@ def insert(db: Database, parameters: Mapping[str, Any], *, opening: bool = False
         _ensure_same_call(call, parameters)
         db.write(lambda backend: backend.flush())
         return call
+    return _inserted(parameters, inserted)
+
+
+async def insert_async(
+    db: AsyncDatabase, parameters: Mapping[str, Any], *, opening: bool = False
+) -> Call:
+    """:func:`insert` on the asyncio write path."""
+    try:
+        if "call_index" in parameters:
+            inserted = await db.write(lambda backend: backend.insert_call_at(parameters))
+            if inserted is None:
+                if await find_async(db, parameters["call_id"]):
+                    raise CallIdTaken
+                reservation = await db.rows("reservation_of", _reservation(parameters))
+                raise _refusal(reservation, parameters, opening)
+        else:
+            inserted = await db.write(
+                lambda backend: backend.insert_call(parameters, opening=opening)
+            )
+    except CallIdTaken:
+        call = await find_async(db, parameters["call_id"])
+        assert call is not None, "a call_id refused as taken is recorded"
+        _ensure_same_call(call, parameters)
+        await db.write(lambda backend: backend.flush())
+        return call
+    return _inserted(parameters, inserted)
+
+
+def _inserted(parameters: Mapping[str, Any], inserted: Inserted) -> Call:
     return _as_written(
         parameters,
         call_index=inserted.call_index,
@@ -227,27 +262,30 @@ def insert(db: Database, parameters: Mapping[str, Any], *, opening: bool = False
     )
 
 
-def _refused_index(db: Database, parameters: Mapping[str, Any], opening: bool) -> NoReturn:
-    """Why ``record_call(call_index=k)`` wrote nothing, as a typed error (with
-    ``opening``, a state never opened has handed nothing out)."""
+def _reservation(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    return {"state_id": parameters["state_id"], "call_index": parameters["call_index"]}
+
+
+def _refusal(
+    reservation: Sequence[Mapping[str, Any]], parameters: Mapping[str, Any], opening: bool
+) -> CallIndexError:
+    """Why ``record_call(call_index=k)`` wrote nothing, as a typed error, from
+    the index's reservation (with ``opening``, a state never opened has handed
+    nothing out)."""
     state_id, index = parameters["state_id"], parameters["call_index"]
-    rows = db.read(
-        lambda statements: statements.rows(
-            "reservation_of", {"state_id": state_id, "call_index": index}
-        )
-    )
-    if not rows and not opening:
-        raise UnknownStateError(state_id)
-    if rows and rows[0]["taken"]:
-        raise IndexTakenError(f"call_index {index} of state {state_id!r} is taken by another call")
-    if rows and rows[0]["sealed"]:
-        raise IndexSealedError(
+    if not reservation and not opening:
+        return UnknownStateError(state_id)
+    if reservation and reservation[0]["taken"]:
+        return IndexTakenError(f"call_index {index} of state {state_id!r} is taken by another call")
+    if reservation and reservation[0]["sealed"]:
+        return IndexSealedError(
             f"call_index {index} of state {state_id!r} is below a seal of the state: "
             "sealing ends the reservations below the index it seals"
         )
-    raise IndexNotReservedError(
+    return IndexNotReservedError(
         f"call_index {index} of state {state_id!r} was never handed out (the counter is at "
-        f"{rows[0]['next_index'] if rows else 0}): reserve it with allocate_call_index first"
+        f"{reservation[0]['next_index'] if reservation else 0}): "
+        "reserve it with allocate_call_index first"
     )
 
 
@@ -302,7 +340,22 @@ def finish(db: Database, call_id: str, outcome: Outcome) -> Call:
     row = db.write(lambda backend: backend.finish_call(parameters))
     if row is not None:
         return _as_written(parameters, **row)
-    call = db.read(lambda statements: find(statements, call_id))
+    return _finished_already(
+        db.read(lambda statements: find(statements, call_id)), call_id, outcome
+    )
+
+
+async def finish_async(db: AsyncDatabase, call_id: str, outcome: Outcome) -> Call:
+    """:func:`finish` on the asyncio write path."""
+    parameters = {"call_id": call_id, **outcome.parameters()}
+    row = await db.write(lambda backend: backend.finish_call(parameters))
+    if row is not None:
+        return _as_written(parameters, **row)
+    return _finished_already(await find_async(db, call_id), call_id, outcome)
+
+
+def _finished_already(call: Call | None, call_id: str, outcome: Outcome) -> Call:
+    """The call a finish found not pending: itself when finished the same way."""
     if call is None:
         raise UnknownCallError(call_id)
     if outcome.matches(call):
@@ -319,6 +372,11 @@ def finish(db: Database, call_id: str, outcome: Outcome) -> Call:
 
 def find(statements: Statements, call_id: str) -> Call | None:
     rows = statements.rows("find_call", {"call_id": call_id})
+    return Call.from_row(rows[0]) if rows else None
+
+
+async def find_async(db: AsyncDatabase, call_id: str) -> Call | None:
+    rows = await db.rows("find_call", {"call_id": call_id})
     return Call.from_row(rows[0]) if rows else None
 
 

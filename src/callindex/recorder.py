@@ -95,14 +95,8 @@ class CallRecorder:
         """Reserve indices for several states in one transaction: ``{state_id: count}``
         in, ``{state_id: first index}`` out. States are locked in sorted order, so
         concurrent callers sharing states never deadlock."""
-        if not isinstance(counts, Mapping):
-            raise InvalidInputError("counts must be a mapping of state_id to count")
-        checked = {
-            allocator.validate_state_id(state_id): allocator.validate_count(count)
-            for state_id, count in counts.items()
-        }
         return allocator.allocate_many(
-            self._written(), checked, connection, opening=self._auto_open
+            self._written(), validate_counts(counts), connection, opening=self._auto_open
         )
 
     # Recording
@@ -130,13 +124,9 @@ class CallRecorder:
         index never handed out raises :class:`IndexNotReservedError`, one
         another call holds :class:`IndexTakenError`. It is never moved.
         """
-        outcome = calls.Outcome.of(status, response, error, latency_ms)
-        parameters = {
-            **self._new_call(state_id, call_type, request, call_id),
-            **outcome.parameters(),
-        }
-        if call_index is not None:
-            parameters["call_index"] = calls.validate_call_index(call_index)
+        parameters = completed_call(
+            state_id, call_type, status, request, response, error, latency_ms, call_id, call_index
+        )
         return calls.insert(self._written(), parameters, opening=self._auto_open)
 
     def begin_call(
@@ -148,10 +138,7 @@ class CallRecorder:
         leaves the pending row visible; ``callindex sweep`` marks it abandoned.
         Idempotent on ``call_id`` like :meth:`record_call`.
         """
-        parameters = {
-            **self._new_call(state_id, call_type, request, call_id),
-            **_PENDING,
-        }
+        parameters = pending_call(state_id, call_type, request, call_id)
         return calls.insert(self._written(), parameters, opening=self._auto_open)
 
     def finish_call(
@@ -177,16 +164,6 @@ class CallRecorder:
             self._schema_checked = True
         return self._db
 
-    def _new_call(
-        self, state_id: str, call_type: str, request: Any, call_id: str | None
-    ) -> dict[str, Any]:
-        return calls.new_call_parameters(
-            call_id=calls.validate_call_id(call_id if call_id is not None else calls.new_call_id()),
-            state_id=allocator.validate_state_id(state_id),
-            call_type=calls.validate_call_type(call_type),
-            request=payloads.prepare_request(request),
-        )
-
     # Reading and mending
 
     def calls(self, state_id: str) -> list[Call]:
@@ -206,10 +183,7 @@ class CallRecorder:
         request's RFC 8785 form, as the upstream framework computes it), of
         ``call_type`` if given, in ``(state_id, call_index)`` order: the lookup
         replay runs on."""
-        if not isinstance(request_hash, str) or not _SHA256.fullmatch(request_hash):
-            raise InvalidInputError("request_hash must be 64 lower-case hexadecimal digits")
-        if call_type is not None:
-            call_type = calls.validate_call_type(call_type)
+        call_type = validate_request_hash(request_hash, call_type)
         return self._db.read(
             lambda statements: calls.with_request_hash(statements, request_hash, call_type)
         )
@@ -283,6 +257,58 @@ class CallRecorder:
 
     def __repr__(self) -> str:
         return f"CallRecorder({self._db.display_url!r})"
+
+
+def _new_call(state_id: str, call_type: str, request: Any, call_id: str | None) -> dict[str, Any]:
+    return calls.new_call_parameters(
+        call_id=calls.validate_call_id(call_id if call_id is not None else calls.new_call_id()),
+        state_id=allocator.validate_state_id(state_id),
+        call_type=calls.validate_call_type(call_type),
+        request=payloads.prepare_request(request),
+    )
+
+
+def completed_call(
+    state_id: str,
+    call_type: CallType,
+    status: FinalStatus,
+    request: Any,
+    response: Any,
+    error: Any,
+    latency_ms: float | None,
+    call_id: str | None,
+    call_index: int | None,
+) -> dict[str, Any]:
+    """The validated parameters of :meth:`CallRecorder.record_call`."""
+    outcome = calls.Outcome.of(status, response, error, latency_ms)
+    parameters = {**_new_call(state_id, call_type, request, call_id), **outcome.parameters()}
+    if call_index is not None:
+        parameters["call_index"] = calls.validate_call_index(call_index)
+    return parameters
+
+
+def pending_call(
+    state_id: str, call_type: CallType, request: Any, call_id: str | None
+) -> dict[str, Any]:
+    """The validated parameters of :meth:`CallRecorder.begin_call`."""
+    return {**_new_call(state_id, call_type, request, call_id), **_PENDING}
+
+
+def validate_request_hash(request_hash: object, call_type: CallType | None) -> CallType | None:
+    """Check :meth:`CallRecorder.calls_with_request_hash`'s arguments; the call type."""
+    if not isinstance(request_hash, str) or not _SHA256.fullmatch(request_hash):
+        raise InvalidInputError("request_hash must be 64 lower-case hexadecimal digits")
+    return None if call_type is None else calls.validate_call_type(call_type)
+
+
+def validate_counts(counts: object) -> dict[str, int]:
+    """Check :meth:`CallRecorder.allocate_call_indices`'s ``counts``."""
+    if not isinstance(counts, Mapping):
+        raise InvalidInputError("counts must be a mapping of state_id to count")
+    return {
+        allocator.validate_state_id(state_id): allocator.validate_count(count)
+        for state_id, count in counts.items()
+    }
 
 
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")

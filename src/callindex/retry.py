@@ -13,12 +13,13 @@ duplicate), so an ambiguous failure at commit is safe to repeat.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -26,6 +27,7 @@ from typing import Any, Final, TypeVar
 
 import httpx
 from tenacity import (
+    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception_type,
@@ -89,32 +91,55 @@ class DatabaseRetryPolicy:
         try:
             return operation()
         except _RETRYABLE as error:
-            remaining = self.max_seconds - (time.monotonic() - started)
-            if self.max_attempts == 1 or remaining <= 0:
-                raise
-            wait = min(random.uniform(0, self.initial_wait), remaining)
-            logger.warning(retry_line(wait, 2, self.max_attempts, str(error)))
-            time.sleep(wait)
+            time.sleep(self._first_wait(error, started))
+        result: T = self._retrying.copy(stop=self._stop_after_first(started))(operation)
+        return result
+
+    async def call_async(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`call` for a coroutine function: the same attempts, waits and
+        logging, sleeping without blocking the event loop."""
+        started = time.monotonic()
+        try:
+            return await operation()
+        except _RETRYABLE as error:
+            await asyncio.sleep(self._first_wait(error, started))
+        retrying = AsyncRetrying(
+            **{**self._tenacity_arguments, "stop": self._stop_after_first(started)}
+        )
+        result: T = await retrying(operation)
+        return result
+
+    def _first_wait(self, error: Exception, started: float) -> float:
+        """The wait after a failed first attempt (logged), or ``error`` raised
+        again when the policy allows no second one."""
+        remaining = self.max_seconds - (time.monotonic() - started)
+        if self.max_attempts == 1 or remaining <= 0:
+            raise error
+        wait = min(random.uniform(0, self.initial_wait), remaining)
+        logger.warning(retry_line(wait, 2, self.max_attempts, str(error)))
+        return wait
+
+    def _stop_after_first(self, started: float) -> Any:
         # The policy's time counts from the first attempt.
         remaining = max(self.max_seconds - (time.monotonic() - started), 0.0)
-        retrying = self._retrying.copy(
-            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(remaining)
-        )
-        result: T = retrying(operation)
-        return result
+        return stop_after_attempt(self.max_attempts - 1) | stop_after_delay(remaining)
+
+    @functools.cached_property
+    def _tenacity_arguments(self) -> dict[str, Any]:
+        return {
+            "retry": retry_if_exception_type(_RETRYABLE),
+            "wait": wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
+            "stop": stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.max_seconds),
+            # Tenacity's attempt 1 is the policy's attempt 2 (the first ran outside).
+            "before_sleep": log_retry(logger, self.max_attempts, first_attempt=2),
+            "reraise": True,
+        }
 
     @functools.cached_property
     def _retrying(self) -> Retrying:
         # Built once per policy: on the hot path its construction would cost
         # about as much as the statement. Its per-call state is thread-local.
-        return Retrying(
-            retry=retry_if_exception_type(_RETRYABLE),
-            wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
-            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.max_seconds),
-            # Tenacity's attempt 1 is the policy's attempt 2 (the first ran outside).
-            before_sleep=log_retry(logger, self.max_attempts, first_attempt=2),
-            reraise=True,
-        )
+        return Retrying(**self._tenacity_arguments)
 
 
 def _number(value: object) -> bool:

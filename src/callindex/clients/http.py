@@ -10,6 +10,7 @@ from typing import Any, Final
 import httpx
 from tenacity import AsyncRetrying, Retrying
 
+from callindex.async_recorder import AsyncCallRecorder
 from callindex.calls import CallType
 from callindex.clients.transport import (
     ATTEMPT_EXTENSION,
@@ -17,6 +18,7 @@ from callindex.clients.transport import (
     Annotator,
     AuditedTransport,
 )
+from callindex.errors import ConfigurationError
 from callindex.recorder import CallRecorder
 from callindex.redaction import Redactor, check_header_values
 from callindex.retry import (
@@ -69,7 +71,7 @@ class _Audited:
 
     def __init__(
         self,
-        recorder: CallRecorder,
+        recorder: CallRecorder | AsyncCallRecorder,
         state_id: str,
         *,
         base_url: str | httpx.URL = "",
@@ -81,6 +83,10 @@ class _Audited:
         call_type: CallType = "http",
         annotator: Annotator | None = None,
     ) -> None:
+        if isinstance(recorder, AsyncCallRecorder) and not isinstance(self, httpx.AsyncClient):
+            raise ConfigurationError(
+                "an AsyncCallRecorder records for async clients: give a sync client a CallRecorder"
+            )
         check_header_values(httpx.Headers(headers).multi_items())
         self.retry_policy = retry or NO_HTTP_RETRY
         self.audited_transport = transport = AuditedTransport(
@@ -112,8 +118,10 @@ class AuditedHTTPClient(_Audited, httpx.Client):
 
 
 class AsyncAuditedHTTPClient(_Audited, httpx.AsyncClient):
-    """The asyncio twin of :class:`AuditedHTTPClient`. Database work runs in
-    worker threads (bounded), never on the event loop."""
+    """The asyncio twin of :class:`AuditedHTTPClient`. Given an
+    :class:`~callindex.AsyncCallRecorder` it awaits the recording; given a
+    :class:`~callindex.CallRecorder`, it runs it in worker threads (bounded).
+    The event loop is never blocked."""
 
     async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
         attempts = _Attempts(request)

@@ -14,6 +14,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import httpx
 
+from callindex.async_recorder import AsyncCallRecorder
 from callindex.clients.http import DEFAULT_TIMEOUT, AsyncAuditedHTTPClient, AuditedHTTPClient
 from callindex.clients.transport import ATTEMPT_EXTENSION, OPERATION_EXTENSION
 from callindex.errors import (
@@ -200,7 +201,7 @@ class _LLM(Generic[ClientT]):
 
     def __init__(
         self,
-        recorder: CallRecorder,
+        recorder: CallRecorder | AsyncCallRecorder,
         state_id: str,
         *,
         base_url: str,

@@ -14,15 +14,17 @@ import functools
 import importlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, Protocol
 
 import anyio
 import anyio.to_thread
 import httpx
 
+from callindex.async_recorder import AsyncCallRecorder
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.clients.bodies import BodyTap
+from callindex.errors import ConfigurationError
 from callindex.recorder import CallRecorder
 from callindex.redaction import Redactor, check_header_values, redact_library_logs
 
@@ -45,14 +47,17 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     Works as the transport of an ``httpx.Client``/``AsyncClient`` and, relying
     only on the duck-typed transport surface, of an ``httpx2`` client with an
-    ``httpx2`` inner transport (as the openai and anthropic SDKs use). In async
-    use the database work runs in worker threads, at most ``thread_limit`` at
-    once, so the event loop is never blocked.
+    ``httpx2`` inner transport (as the openai and anthropic SDKs use).
+
+    In async use with an :class:`~callindex.AsyncCallRecorder`, the recording
+    is awaited on the event loop; with a :class:`~callindex.CallRecorder` it
+    runs in worker threads, at most ``thread_limit`` at once. Either way the
+    event loop is never blocked. A sync client needs a ``CallRecorder``.
     """
 
     def __init__(
         self,
-        recorder: CallRecorder,
+        recorder: CallRecorder | AsyncCallRecorder,
         state_id: str,
         inner: Any = None,
         *,
@@ -73,6 +78,10 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     # Sync
 
     def handle_request(self, request: Any) -> Any:
+        if isinstance(self.recorder, AsyncCallRecorder):
+            raise ConfigurationError(
+                "an AsyncCallRecorder records for async clients: give a sync client a CallRecorder"
+            )
         if self._inner is None:
             self._inner = httpx.HTTPTransport()
         exchange = _Exchange(self, request)
@@ -98,13 +107,16 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._inner = httpx.AsyncHTTPTransport()
         exchange = _Exchange(self, request)
         try:
-            await self._in_thread(exchange.begin)
+            # Shielded: a task cancelled meanwhile still learns its call, and
+            # finishes it as cancelled below instead of leaving it pending.
+            with anyio.CancelScope(shield=True):
+                await self._begin(exchange)
             response = await self._inner.handle_async_request(request)
         except BaseException as error:  # cancellation too: finished as cancelled
-            await self._shielded(functools.partial(exchange.fail, error))
+            await self._finish(exchange.failure(error))
             raise
         if exchange.already_read(response):
-            await self._in_thread(functools.partial(exchange.complete, complete=True))
+            await self._finish(exchange.completion(complete=True))
             return response
         return exchange.watch(response)
 
@@ -112,13 +124,24 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if self._inner is not None:
             await self._inner.aclose()
 
-    async def _in_thread(self, work: Callable[[], Any]) -> Any:
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+    async def _begin(self, exchange: _Exchange) -> None:
+        if isinstance(self.recorder, AsyncCallRecorder):
+            exchange.call = await self.recorder.begin_call(**exchange.begin_arguments())
+        else:
+            await anyio.to_thread.run_sync(exchange.begin, limiter=self._limiter)
 
-    async def _shielded(self, work: Callable[[], Any]) -> Any:
-        """``work`` in a thread, to its end even while the task is being cancelled."""
+    async def _finish(self, arguments: dict[str, Any] | None) -> None:
+        """Record the call's end (``arguments`` of ``finish_call``; ``None``: it is
+        recorded already), to its end even while the task is being cancelled."""
+        if arguments is None:
+            return
+        recorder = self.recorder
         with anyio.CancelScope(shield=True):
-            return await self._in_thread(work)
+            if isinstance(recorder, AsyncCallRecorder):
+                await recorder.finish_call(**arguments)
+            else:
+                finish = functools.partial(recorder.finish_call, **arguments)
+                await anyio.to_thread.run_sync(finish, limiter=self._limiter)
 
 
 _MAX_REASON = 200  # characters of a server's reason phrase kept in the error payload
@@ -142,6 +165,26 @@ class _Exchange:
         self.tap = BodyTap()
 
     def begin(self) -> None:
+        recorder = self.transport.recorder
+        assert isinstance(recorder, CallRecorder)
+        self.call = recorder.begin_call(**self.begin_arguments())
+
+    def fail(self, error: BaseException) -> None:
+        """Record a request that got no (complete) response."""
+        self._finish(self.failure(error))
+
+    def complete(self, *, complete: bool) -> None:
+        """Record the response once its body is read, or abandoned by the reader."""
+        self._finish(self.completion(complete=complete))
+
+    def _finish(self, arguments: dict[str, Any] | None) -> None:
+        recorder = self.transport.recorder
+        assert isinstance(recorder, CallRecorder)
+        if arguments is not None:
+            recorder.finish_call(**arguments)
+
+    def begin_arguments(self) -> dict[str, Any]:
+        """The arguments of the request's ``begin_call``."""
         redactor = self.transport.redactor
         record = redactor.body(self.body, self.secrets)
         payload: dict[str, Any] = {
@@ -156,32 +199,36 @@ class _Exchange:
                 payload[name] = extensions[key]
         if self.transport.annotator and record and "json" in record:
             payload["attributes"] = self.transport.annotator.request_attributes(record["json"])
-        self.call = self.transport.recorder.begin_call(
-            self.transport.state_id, self.transport.call_type, payload
-        )
+        return {
+            "state_id": self.transport.state_id,
+            "call_type": self.transport.call_type,
+            "request": payload,
+        }
 
-    def fail(self, error: BaseException) -> None:
-        """Record a request that got no (complete) response."""
+    def failure(self, error: BaseException) -> dict[str, Any] | None:
+        """The ``finish_call`` arguments of a request that got no (complete)
+        response; ``None`` once the call is finished (or was never begun)."""
         if self.finished or self.call is None:
-            return
+            return None
         self.finished = True
         if isinstance(error, Exception):
             message = self.transport.redactor.text(str(error), self.secrets)
             details = {"type": type(error).__name__, "message": message}
         else:  # KeyboardInterrupt, a cancelled task or timeout
             details = {"type": "cancelled", "message": type(error).__name__}
-        self.transport.recorder.finish_call(
-            self.call.call_id,
-            "error",
-            response=self._response_payload(complete=False) if self.response else None,
-            error=details,
-            latency_ms=self._elapsed_ms(),
-        )
+        return {
+            "call_id": self.call.call_id,
+            "status": "error",
+            "response": self._response_payload(complete=False) if self.response else None,
+            "error": details,
+            "latency_ms": self._elapsed_ms(),
+        }
 
-    def complete(self, *, complete: bool) -> None:
-        """Record the response once its body is read, or abandoned by the reader."""
+    def completion(self, *, complete: bool) -> dict[str, Any] | None:
+        """The ``finish_call`` arguments of a response whose body was read
+        (``complete``) or abandoned; ``None`` once the call is finished."""
         if self.finished or self.call is None:
-            return
+            return None
         self.finished = True
         code = self.response.status_code
         status: FinalStatus = "success" if 200 <= code < 300 else "error"
@@ -189,13 +236,13 @@ class _Exchange:
         if status == "error":
             reason = self.transport.redactor.text(str(self.response.reason_phrase), self.secrets)
             error = {"type": "http_status", "status_code": code, "reason": reason[:_MAX_REASON]}
-        self.transport.recorder.finish_call(
-            self.call.call_id,
-            status,
-            response=self._response_payload(complete=complete),
-            error=error,
-            latency_ms=self._elapsed_ms(),
-        )
+        return {
+            "call_id": self.call.call_id,
+            "status": status,
+            "response": self._response_payload(complete=complete),
+            "error": error,
+            "latency_ms": self._elapsed_ms(),
+        }
 
     def already_read(self, response: Any) -> bool:
         """Whether the inner transport handed back a response whose body it
@@ -278,7 +325,7 @@ class _RecordingStreamBase:
                 self._exchange.tap.feed(chunk)
                 yield chunk
         except (Exception, KeyboardInterrupt, anyio.get_cancelled_exc_class()) as error:
-            await self._exchange.transport._shielded(functools.partial(self._exchange.fail, error))
+            await self._exchange.transport._finish(self._exchange.failure(error))
             raise
         self._exhausted = True
 
@@ -286,8 +333,8 @@ class _RecordingStreamBase:
         try:
             await self._inner.aclose()
         finally:
-            await self._exchange.transport._shielded(
-                functools.partial(self._exchange.complete, complete=self._exhausted)
+            await self._exchange.transport._finish(
+                self._exchange.completion(complete=self._exhausted)
             )
 
 
