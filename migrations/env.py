@@ -6,10 +6,12 @@ Run through :mod:`callindex.migrations`, which passes either a connection
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import Connection
 
-from callindex.schema import metadata
+from callindex.schema import metadata, on_backend
 
 config = context.config
 version_table = config.get_main_option("version_table") or "callindex_alembic_version"
@@ -31,10 +33,16 @@ def run_offline() -> None:
 
 
 def run_online(connection: Connection) -> None:
+    backend = connection.dialect.name
+
+    def exists_here(item: Any, name: str | None, kind: str, *_: Any) -> bool:
+        return kind != "table" or on_backend(item, backend)
+
     context.configure(
         connection=connection,
         target_metadata=metadata,
         version_table=version_table,
+        include_object=exists_here,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -118,6 +118,17 @@ BEGIN
 END;
 $function$;
 
+-- function callindex_guard_purges()
+CREATE OR REPLACE FUNCTION public.callindex_guard_purges()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    RAISE EXCEPTION 'callindex: a purge record is never changed or deleted (% on call_purges)',
+        TG_OP USING ERRCODE = 'CX008';
+END;
+$function$;
+
 -- function callindex_guard_seals()
 CREATE OR REPLACE FUNCTION public.callindex_guard_seals()
  RETURNS trigger
@@ -316,12 +327,18 @@ BEGIN
         RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
             'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';
     END IF;
+    IF EXISTS (SELECT 1 FROM call_purges
+               WHERE state_id = NEW.state_id
+                 AND first_index <= NEW.call_index AND NEW.call_index <= last_index) THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % belonged to a purged call',
+            NEW.call_index, NEW.state_id USING ERRCODE = 'CX009';
+    END IF;
     RETURN NEW;
 END;
 $function$;
 
 -- trigger callindex_guard_calls ON calls
-CREATE TRIGGER callindex_guard_calls BEFORE DELETE ON calls FOR EACH ROW EXECUTE FUNCTION callindex_guard_calls();
+CREATE TRIGGER callindex_guard_calls BEFORE DELETE ON calls FOR EACH ROW WHEN (old.status::text = 'pending'::text OR current_setting('callindex.purging'::text, true) IS DISTINCT FROM 'on'::text) EXECUTE FUNCTION callindex_guard_calls();
 
 -- trigger callindex_guard_calls_truncate ON calls
 CREATE TRIGGER callindex_guard_calls_truncate BEFORE TRUNCATE ON calls FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_calls();
@@ -340,6 +357,12 @@ CREATE TRIGGER callindex_guard_counters_truncate BEFORE TRUNCATE ON call_index_c
 
 -- trigger callindex_guard_new_counter ON call_index_counters
 CREATE TRIGGER callindex_guard_new_counter BEFORE INSERT ON call_index_counters FOR EACH ROW WHEN (new.next_index > 1000000 AND CURRENT_USER <> '<owner>'::name) EXECUTE FUNCTION callindex_guard_new_counter();
+
+-- trigger callindex_guard_purges ON call_purges
+CREATE TRIGGER callindex_guard_purges BEFORE DELETE OR UPDATE ON call_purges FOR EACH ROW EXECUTE FUNCTION callindex_guard_purges();
+
+-- trigger callindex_guard_purges_truncate ON call_purges
+CREATE TRIGGER callindex_guard_purges_truncate BEFORE TRUNCATE ON call_purges FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_purges();
 
 -- trigger callindex_guard_seals ON call_seals
 CREATE TRIGGER callindex_guard_seals BEFORE DELETE OR UPDATE ON call_seals FOR EACH ROW EXECUTE FUNCTION callindex_guard_seals();

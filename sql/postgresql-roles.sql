@@ -31,9 +31,9 @@
 -- next; an index already recorded is renumbered; one ahead of the counter
 -- moves it (at most 1,000,000 ahead).
 -- It may not UPDATE, DELETE or TRUNCATE calls, nor create or delete a counter.
--- Sweeping, repairing and migrating stay with the owner.
+-- Sweeping, purging, repairing and migrating stay with the owner.
 --
--- callindex_auditor may read calls, counters, seals and the schema revision,
+-- callindex_auditor may read calls, counters, seals, purge records and the schema revision,
 -- and run `callindex verify` (with --seals); nothing else. Sealing
 -- (`callindex seal`) stays with the owner.
 
@@ -56,7 +56,7 @@ END;
 $$;
 
 REVOKE ALL ON calls, call_index_counters, callindex_alembic_version,
-    callindex_schema_interfaces, call_seals FROM callindex_app, callindex_auditor;
+    callindex_schema_interfaces, call_seals, call_purges FROM callindex_app, callindex_auditor;
 
 GRANT SELECT ON calls TO callindex_app;
 GRANT INSERT (call_id, state_id, call_index, call_type, status, request, request_hash,
@@ -68,7 +68,8 @@ GRANT SELECT, UPDATE (next_index) ON call_index_counters TO callindex_app;
 -- its first call. A new counter holds no calls yet (calls reference it), so
 -- inserting one cannot put a recorded call out of the counter's reach.
 GRANT INSERT (state_id, next_index) ON call_index_counters TO callindex_app;
-GRANT SELECT ON callindex_alembic_version, callindex_schema_interfaces, call_seals TO callindex_app;
+GRANT SELECT ON callindex_alembic_version, callindex_schema_interfaces, call_seals, call_purges
+    TO callindex_app;
 GRANT EXECUTE ON FUNCTION
     callindex_open_state_v2(text),
     callindex_reserve_v2(text, integer),
@@ -79,4 +80,4 @@ GRANT EXECUTE ON FUNCTION
     TO callindex_app;
 
 GRANT SELECT ON calls, call_index_counters, callindex_alembic_version,
-    callindex_schema_interfaces, call_seals TO callindex_auditor;
+    callindex_schema_interfaces, call_seals, call_purges TO callindex_auditor;

@@ -1212,5 +1212,93 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0011' WHERE callindex_alembic_version.version_num = '0010';
 
+-- Running upgrade 0011 -> 0012
+
+CREATE TABLE call_purges (
+    state_id TEXT NOT NULL,
+    first_index BIGINT NOT NULL,
+    last_index BIGINT NOT NULL,
+    calls BIGINT NOT NULL,
+    head VARCHAR(64),
+    purged_before TIMESTAMP WITH TIME ZONE NOT NULL,
+    purged_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now(),
+    purged_by TEXT NOT NULL,
+    CONSTRAINT pk_call_purges PRIMARY KEY (state_id, first_index),
+    CONSTRAINT ck_call_purges_range CHECK (0 <= first_index AND first_index <= last_index),
+    CONSTRAINT ck_call_purges_calls CHECK (1 <= calls AND calls <= last_index - first_index + 1),
+    CONSTRAINT ck_call_purges_head_sha256 CHECK (head IS NULL OR length(head) = 64)
+);
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0012', 2);
+
+CREATE FUNCTION callindex_guard_purges() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: a purge record is never changed or deleted (% on call_purges)',
+        TG_OP USING ERRCODE = 'CX008';
+END;
+$$;
+
+CREATE TRIGGER callindex_guard_purges BEFORE UPDATE OR DELETE ON call_purges FOR EACH ROW EXECUTE FUNCTION callindex_guard_purges();
+
+CREATE TRIGGER callindex_guard_purges_truncate BEFORE TRUNCATE ON call_purges FOR EACH STATEMENT EXECUTE FUNCTION callindex_guard_purges();
+
+DROP TRIGGER callindex_guard_calls ON calls;
+
+CREATE TRIGGER callindex_guard_calls BEFORE DELETE ON calls FOR EACH ROW WHEN (OLD.status = 'pending' OR current_setting('callindex.purging', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION callindex_guard_calls();
+
+CREATE OR REPLACE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    -- The database, not the writer, says when a call was made and finished.
+    NEW.created_at := now();
+    NEW.completed_at := CASE WHEN NEW.status = 'pending' THEN NULL ELSE now() END;
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';
+    END IF;
+    IF EXISTS (SELECT 1 FROM call_purges
+               WHERE state_id = NEW.state_id
+                 AND first_index <= NEW.call_index AND NEW.call_index <= last_index) THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % belonged to a purged call',
+            NEW.call_index, NEW.state_id USING ERRCODE = 'CX009';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$;
+
+DO $$
+DECLARE
+    grantee name;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT pg_get_userbyid(acl.grantee)
+        FROM pg_class, aclexplode(pg_class.relacl) AS acl
+        WHERE pg_class.oid = 'calls'::regclass AND acl.privilege_type = 'SELECT'
+          AND acl.grantee NOT IN (0, pg_class.relowner)
+    LOOP
+        EXECUTE format('GRANT SELECT ON call_purges TO %I', grantee);
+    END LOOP;
+END;
+$$;
+
+UPDATE callindex_alembic_version SET version_num='0012' WHERE callindex_alembic_version.version_num = '0011';
+
 COMMIT;
 

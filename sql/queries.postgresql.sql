@@ -123,6 +123,11 @@ WHERE counters.state_id = CAST(:state_id AS text)
       SELECT 1 FROM call_seals
       WHERE call_seals.state_id = CAST(:state_id AS text)
         AND call_seals.last_index >= CAST(:call_index AS bigint))
+  AND NOT EXISTS (
+      SELECT 1 FROM call_purges
+      WHERE call_purges.state_id = CAST(:state_id AS text)
+        AND call_purges.first_index <= CAST(:call_index AS bigint)
+        AND CAST(:call_index AS bigint) <= call_purges.last_index)
 -- Held until commit: a seal of the state waits for this call (lock_counter).
 FOR KEY SHARE OF counters
 RETURNING call_index, created_at, completed_at, 0.0 AS waited_ms;
@@ -226,3 +231,40 @@ HAVING sum(CASE WHEN calls.status = 'pending' THEN 1 ELSE 0 END) = 0
    AND (CAST(:finished_before AS TEXT) IS NULL
         OR max(calls.completed_at) < CAST(:finished_before AS timestamptz))
 ORDER BY calls.state_id;
+
+-- purge_candidates --
+-- States with calls a purge removes: finished, created before :before, of
+-- states whose id starts with :state_prefix; in a sealed state only those at
+-- or below its last seal (:through of purge_ranges).
+SELECT calls.state_id, coalesce(sealed.through, 9223372036854775807) AS through,
+       sealed.through IS NOT NULL AS sealed
+FROM calls
+LEFT JOIN (
+    SELECT state_id, max(last_index) AS through FROM call_seals GROUP BY state_id
+) AS sealed ON sealed.state_id = calls.state_id
+WHERE calls.state_id IS NOT NULL
+  AND starts_with(calls.state_id, CAST(:state_prefix AS text))
+  AND calls.status <> 'pending'
+  AND calls.created_at < CAST(:before AS timestamptz)
+  AND calls.call_index <= coalesce(sealed.through, 9223372036854775807)
+GROUP BY calls.state_id, sealed.through
+ORDER BY calls.state_id;
+
+-- purge_snapshot --
+-- The ranges a purge records and the rows it deletes come from one snapshot
+-- (a pending call finished meanwhile is in neither). First in its transaction.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+
+-- begin_purge --
+-- The guard of calls lets this transaction's DELETE through.
+SELECT set_config('callindex.purging', 'on', true);
+
+-- end_purge --
+SELECT set_config('callindex.purging', 'off', true);
+
+-- purger --
+-- Who purges, and whether they own calls (only the owner may).
+SELECT session_user AS purged_by,
+       pg_has_role(current_user, relowner, 'USAGE') AS owner
+FROM pg_class
+WHERE oid = 'calls'::regclass;

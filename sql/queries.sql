@@ -15,9 +15,13 @@ SELECT call_index, created_at, completed_at FROM calls WHERE call_id = :call_id;
 
 -- reservation_of --
 -- Why record_call(call_index=k) wrote nothing: the state's next index,
--- whether k is taken, and whether a seal covers k.
+-- whether k is taken (by a call, or by a call since purged), and whether a
+-- seal covers k.
 SELECT next_index,
        EXISTS (SELECT 1 FROM calls WHERE state_id = :state_id AND call_index = :call_index)
+       OR EXISTS (SELECT 1 FROM call_purges
+                  WHERE state_id = :state_id
+                    AND first_index <= :call_index AND :call_index <= last_index)
            AS taken,
        EXISTS (SELECT 1 FROM call_seals
                WHERE state_id = :state_id AND last_index >= :call_index) AS sealed
@@ -137,8 +141,11 @@ SELECT count(*) AS states FROM call_index_counters;
 
 -- calls_through --
 -- Sealing re-checks, under the counter's lock, that the calls it chained are
--- all there is up to the index it seals.
-SELECT count(*) AS calls FROM calls WHERE state_id = :state_id AND call_index <= :last_index;
+-- all there is up to the index it seals (counting the sealed calls purged since).
+SELECT (SELECT count(*) FROM calls WHERE state_id = :state_id AND call_index <= :last_index)
+     + (SELECT coalesce(sum(calls), 0) FROM call_purges
+        WHERE state_id = :state_id AND last_index <= :last_index AND head IS NOT NULL)
+       AS calls;
 
 -- seals_of_state --
 SELECT state_id, last_index, head, calls, sealed_at
@@ -158,3 +165,46 @@ INSERT INTO call_seals (state_id, last_index, head, calls)
 VALUES (:state_id, :last_index, :head, :calls)
 ON CONFLICT (state_id, last_index) DO NOTHING
 RETURNING state_id, last_index, head, calls, sealed_at;
+
+-- purges_of_state --
+SELECT state_id, first_index, last_index, calls, head, purged_before, purged_at, purged_by
+FROM call_purges
+WHERE state_id = :state_id
+ORDER BY first_index;
+
+-- all_purges --
+-- Every purged range, for verify.
+SELECT state_id, first_index, last_index, calls, head, purged_before, purged_at, purged_by
+FROM call_purges
+ORDER BY state_id, first_index;
+
+-- purge_ranges --
+-- The runs of :state_id's calls a purge removes: finished, created before
+-- :before, at or below :through (a sealed state's last seal). A run ends at
+-- a call that stays; indices never recorded do not end it.
+SELECT min(call_index) AS first_index, max(call_index) AS last_index, count(*) AS calls
+FROM (
+    SELECT call_index, purged,
+           row_number() OVER (ORDER BY call_index)
+           - row_number() OVER (PARTITION BY purged ORDER BY call_index) AS run
+    FROM (
+        SELECT call_index,
+               CASE WHEN status <> 'pending' AND created_at < :before
+                         AND call_index <= :through THEN 1 ELSE 0 END AS purged
+        FROM calls
+        WHERE state_id = :state_id
+    ) AS marked
+) AS runs
+WHERE purged = 1
+GROUP BY run
+ORDER BY first_index;
+
+-- delete_purged --
+DELETE FROM calls
+WHERE state_id = :state_id AND status <> 'pending' AND created_at < :before
+  AND call_index <= :through;
+
+-- insert_purge --
+INSERT INTO call_purges
+    (state_id, first_index, last_index, calls, head, purged_before, purged_by)
+VALUES (:state_id, :first_index, :last_index, :calls, :head, :before, :purged_by);

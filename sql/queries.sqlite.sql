@@ -119,3 +119,33 @@ HAVING sum(CASE WHEN calls.status = 'pending' THEN 1 ELSE 0 END) = 0
    AND (CAST(:finished_before AS TEXT) IS NULL
         OR max(calls.completed_at) < :finished_before)
 ORDER BY calls.state_id;
+
+-- purge_candidates --
+-- States with calls a purge removes: finished, created before :before (UTC
+-- text, as SQLite stores times), of states whose id starts with
+-- :state_prefix; in a sealed state only those at or below its last seal.
+SELECT calls.state_id, coalesce(sealed.through, 9223372036854775807) AS through,
+       sealed.through IS NOT NULL AS sealed
+FROM calls
+LEFT JOIN (
+    SELECT state_id, max(last_index) AS through FROM call_seals GROUP BY state_id
+) AS sealed ON sealed.state_id = calls.state_id
+WHERE calls.state_id IS NOT NULL
+  AND substr(calls.state_id, 1, length(:state_prefix)) = :state_prefix
+  AND calls.status <> 'pending'
+  AND calls.created_at < :before
+  AND calls.call_index <= coalesce(sealed.through, 9223372036854775807)
+GROUP BY calls.state_id, sealed.through
+ORDER BY calls.state_id;
+
+-- purge_snapshot --
+-- The write transaction (BEGIN IMMEDIATE) is the snapshot already.
+SELECT 1;
+
+-- begin_purge --
+-- The guard of calls lets a DELETE through while this row exists; only this
+-- write transaction ever sees it.
+INSERT INTO callindex_purging (purge) VALUES (1);
+
+-- end_purge --
+DELETE FROM callindex_purging;

@@ -355,5 +355,61 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0011' WHERE callindex_alembic_version.version_num = '0010';
 
+-- Running upgrade 0011 -> 0012
+
+CREATE TABLE call_purges (
+    state_id TEXT NOT NULL,
+    first_index BIGINT NOT NULL,
+    last_index BIGINT NOT NULL,
+    calls BIGINT NOT NULL,
+    head VARCHAR(64),
+    purged_before DATETIME NOT NULL,
+    purged_at DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    purged_by TEXT NOT NULL,
+    CONSTRAINT pk_call_purges PRIMARY KEY (state_id, first_index),
+    CONSTRAINT ck_call_purges_range CHECK (0 <= first_index AND first_index <= last_index),
+    CONSTRAINT ck_call_purges_calls CHECK (1 <= calls AND calls <= last_index - first_index + 1),
+    CONSTRAINT ck_call_purges_head_sha256 CHECK (head IS NULL OR length(head) = 64)
+);
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0012', 2);
+
+CREATE TRIGGER callindex_guard_purges_update BEFORE UPDATE ON call_purges
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX008] a purge record is never changed or deleted');
+END;
+
+CREATE TRIGGER callindex_guard_purges_delete BEFORE DELETE ON call_purges
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX008] a purge record is never changed or deleted');
+END;
+
+CREATE TRIGGER callindex_guard_purges_replace BEFORE INSERT ON call_purges
+WHEN EXISTS (SELECT 1 FROM call_purges
+             WHERE state_id = NEW.state_id AND first_index = NEW.first_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX008] a purge record is never changed or deleted');
+END;
+
+CREATE TRIGGER callindex_guard_calls_purged_index BEFORE INSERT ON calls
+WHEN EXISTS (SELECT 1 FROM call_purges
+             WHERE state_id = NEW.state_id
+               AND first_index <= NEW.call_index AND NEW.call_index <= last_index)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX009] the call_index belonged to a purged call');
+END;
+
+CREATE TABLE callindex_purging (purge INTEGER NOT NULL);
+
+DROP TRIGGER callindex_guard_calls_delete;
+
+CREATE TRIGGER callindex_guard_calls_delete BEFORE DELETE ON calls
+WHEN OLD.status = 'pending' OR NOT EXISTS (SELECT 1 FROM callindex_purging)
+BEGIN
+    SELECT RAISE(ABORT, 'callindex: [CX001] a call cannot be deleted: the audit trail is append-only');
+END;
+
+UPDATE callindex_alembic_version SET version_num='0012' WHERE callindex_alembic_version.version_num = '0011';
+
 COMMIT;
 

@@ -18,6 +18,7 @@ from callindex import allocator, audit, calls, migrations
 from callindex.async_backend import AsyncDatabase
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
+from callindex.purges import Purge
 from callindex.recorder import (
     CallRecorder,
     completed_call,
@@ -42,7 +43,7 @@ class AsyncCallRecorder:
     operation runs on one worker thread per database file (shared by the
     recorders of that file in the process; SQLite takes one writer at a
     time anyway). Maintenance (``upgrade``, ``verify``, ``seal``, ``sweep``,
-    ``repair``) runs in a worker thread on both.
+    ``purge``, ``repair``) runs in a worker thread on both.
 
     Cancelling a task that awaits a write never leaves half a call: the write
     commits whole or not at all (PostgreSQL cancels the statement on the
@@ -250,6 +251,11 @@ class AsyncCallRecorder:
     ) -> list[dict[str, Any]]:
         """Mark pending calls at least this old ``abandoned``; returns them."""
         work = functools.partial(self._sync.sweep, state_prefix=state_prefix)
+        return await self._blocking(work, older_than_seconds)
+
+    async def purge(self, older_than_seconds: float, *, state_prefix: str = "") -> list[Purge]:
+        """:meth:`CallRecorder.purge <callindex.recorder.CallRecorder.purge>`, in a thread."""
+        work = functools.partial(self._sync.purge, state_prefix=state_prefix)
         return await self._blocking(work, older_than_seconds)
 
     async def repair(self) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from callindex import payloads
+from callindex import payloads, purges
 from callindex import seals as sealing
 from callindex.database import Database, Statements
 from callindex.errors import InvalidInputError, InvalidPayloadError
@@ -56,6 +56,8 @@ class Report:
     gaps: list[dict[str, Any]] = field(default_factory=list)
     unused_reservations: list[dict[str, Any]] = field(default_factory=list)
     stale_pending: list[dict[str, Any]] = field(default_factory=list)
+    purged: list[dict[str, Any]] = field(default_factory=list)
+    """Runs of indices whose calls were purged (``callindex purge``): not gaps."""
     pending_threshold_seconds: float = DEFAULT_PENDING_THRESHOLD_SECONDS
     hashes_checked: dict[str, int] | None = None
     """With ``hashes=True``: the payload hashes recomputed, per hash scheme."""
@@ -100,13 +102,17 @@ def verify(
             found = statements.rows(name, params)
             return [{key: _plain(value) for key, value in row.items()} for row in found]
 
+        purged = purges.of_database(statements)
         return Report(
             states=int(rows("state_count")[0]["states"]),
             calls_by_status={row["status"]: int(row["calls"]) for row in rows("status_counts")},
             duplicates=rows("duplicate_indices"),
             counters_behind=rows("counters_behind"),
-            gaps=rows("index_gaps"),
-            unused_reservations=rows("unused_reservations"),
+            gaps=purges.unexplained(rows("index_gaps"), purged, "first_missing", "last_missing"),
+            unused_reservations=purges.unexplained(
+                rows("unused_reservations"), purged, "first_unused", "last_unused"
+            ),
+            purged=[run.as_json() for run in purged],
             stale_pending=rows("stale_pending", seconds=pending_threshold_seconds),
             pending_threshold_seconds=pending_threshold_seconds,
             **(check_hashes(statements) if hashes else {}),

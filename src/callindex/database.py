@@ -213,6 +213,11 @@ class Statements:
         result = self.connection.execute(self.db.statement(name), dict(params or {}))
         return [dict(row._mapping) for row in result] if result.returns_rows else []
 
+    def count(self, name: str, params: Mapping[str, Any] | None = None) -> int:
+        """How many rows statement ``name`` (an UPDATE or DELETE) touched."""
+        result = self.connection.execute(self.db.statement(name), dict(params or {}))
+        return int(result.rowcount)
+
 
 class Database:
     """One database as one recorder sees it: the shared engine and backend, and

@@ -35,6 +35,7 @@ Hierarchy::
     │   ├── CallOwnedByAnotherRoleError  a pending call finished by another role
     │   ├── CallRefusedError           a call's values refused by the database's checks
     │   ├── ImmutableSealError         the database refused to change or delete a seal
+    │   ├── ImmutablePurgeError        the database refused to change or delete a purge record
     │   └── PermissionDeniedError      the database role lacks a privilege
     ├── ReplayMismatchError        a request a ReplayTransport has no recorded call for
     └── LLMError                   a completion the LLM clients cannot return (call recorded)
@@ -189,6 +190,10 @@ class CallRefusedError(DatabaseError):
 
 class ImmutableSealError(DatabaseError):
     """The database refused to change or delete a seal (``CX007``)."""
+
+
+class ImmutablePurgeError(DatabaseError):
+    """The database refused to change or delete a purge record (``CX008``)."""
 
 
 class PermissionDeniedError(DatabaseError):

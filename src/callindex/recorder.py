@@ -10,10 +10,11 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import URL, Connection, Engine
 
-from callindex import allocator, audit, calls, migrations, payloads, seals
+from callindex import allocator, audit, calls, migrations, payloads, purges, seals
 from callindex.calls import Call, CallType, FinalStatus
 from callindex.database import Database
 from callindex.errors import InvalidInputError, UnknownStateError
+from callindex.purges import Purge
 from callindex.retry import DatabaseRetryPolicy
 from callindex.seals import Seal
 
@@ -235,6 +236,16 @@ class CallRecorder:
         """Mark pending calls at least this old ``abandoned`` (only those of states
         whose id starts with ``state_prefix``, when given); returns them."""
         return audit.sweep(self._written(), older_than_seconds, state_prefix)
+
+    def purge(self, older_than_seconds: float, *, state_prefix: str = "") -> list[Purge]:
+        """Delete the finished calls created at least ``older_than_seconds`` ago
+        (only those of states whose id starts with ``state_prefix``), keeping
+        every counter; returns the purged runs, as recorded in ``call_purges``.
+        A sealed state gives up only calls it has sealed. Owner role only. See
+        :mod:`callindex.purges`."""
+        seconds = audit.validate_seconds(older_than_seconds, "older_than_seconds")
+        before = datetime.now(UTC) - timedelta(seconds=seconds)
+        return purges.purge(self._written(), before, state_prefix)
 
     def repair(self) -> list[dict[str, Any]]:
         """Move counters that are behind their calls forward; returns the states moved."""

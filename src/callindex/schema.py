@@ -148,6 +148,39 @@ call_seals = Table(
     CheckConstraint("calls >= 1", name="calls_positive"),
 )
 
+# Each range of a state's indices whose calls were purged (callindex.purges);
+# ``head`` is the seal chain's head after the range, for a sealed state.
+call_purges = Table(
+    "call_purges",
+    metadata,
+    Column("state_id", Text, primary_key=True),
+    Column("first_index", BigInteger, primary_key=True),
+    Column("last_index", BigInteger, nullable=False),
+    Column("calls", BigInteger, nullable=False),
+    Column("head", String(64), nullable=True),
+    Column("purged_before", DateTime(timezone=True), nullable=False),
+    Column("purged_at", DateTime(timezone=True), nullable=False, server_default=utc_now()),
+    Column("purged_by", Text, nullable=False),
+    CheckConstraint("0 <= first_index AND first_index <= last_index", name="range"),
+    CheckConstraint("1 <= calls AND calls <= last_index - first_index + 1", name="calls"),
+    CheckConstraint("head IS NULL OR length(head) = 64", name="head_sha256"),
+)
+
+# SQLite: the guard of calls lets a DELETE through only while the purge's own
+# transaction holds a row here (PostgreSQL uses a transaction-local setting).
+purging = Table(
+    "callindex_purging",
+    metadata,
+    Column("purge", Integer, nullable=False),
+    info={"backends": ("sqlite",)},
+)
+
+
+def on_backend(table: Table, backend: str) -> bool:
+    """Whether ``table`` exists on ``backend`` (``"postgresql"`` or ``"sqlite"``)."""
+    return backend in table.info.get("backends", (backend,))
+
+
 # Sweeping and verifying look for old pending calls; finished ones are the bulk.
 Index(
     "ix_calls_pending_created_at",

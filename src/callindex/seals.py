@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -125,6 +126,55 @@ def _calls(statements: Statements, state_id: str, after_index: int) -> Iterator[
         after_index = int(batch[-1]["call_index"])
 
 
+@dataclass(frozen=True)
+class Link:
+    """The chain after one step: a call, or a purged range of a sealed state."""
+
+    index: int
+    """The call's index, or the purged range's last index."""
+    head: str
+    calls: int
+    purged_from: int | None = None
+    """The purged range's first index (``None``: a call)."""
+    call: Mapping[str, Any] | None = None
+
+
+def walk(statements: Statements, state_id: str, *, after: Link | None = None) -> Iterator[Link]:
+    """The state's chain, step by step in index order, from ``after`` (default:
+    the genesis). A purged range that carries a head (it was sealed when
+    purged) stands for its calls: the chain goes on from its head. One
+    without (purged before the state was first sealed) was never chained."""
+    head, count = (after.head, after.calls) if after else (genesis(state_id), 0)
+    start = after.index if after else -1
+    purged = deque(
+        row
+        for row in statements.rows("purges_of_state", {"state_id": state_id})
+        if row["head"] is not None and int(row["last_index"]) > start
+    )
+    for call in _calls(statements, state_id, start):
+        index = call["call_index"]
+        while purged and isinstance(index, int) and int(purged[0]["first_index"]) < index:
+            step = _purged_step(purged.popleft(), count)
+            count = step.calls
+            yield step
+            head = step.head
+        head, count = link(head, call), count + 1
+        yield Link(index=index, head=head, calls=count, call=call)
+    for row in purged:
+        step = _purged_step(row, count)
+        count = step.calls
+        yield step
+
+
+def _purged_step(row: Mapping[str, Any], count: int) -> Link:
+    return Link(
+        index=int(row["last_index"]),
+        head=str(row["head"]),
+        calls=count + int(row["calls"]),
+        purged_from=int(row["first_index"]),
+    )
+
+
 def seal(
     db: Database,
     *,
@@ -168,18 +218,19 @@ def _chain(statements: Statements, state_id: str) -> _Chained | None:
     """The state's chain extended over its finished calls after its last seal
     (up to the first pending one), or None when there is nothing to seal."""
     earlier = statements.rows("seals_of_state", {"state_id": state_id})
-    head, last_index, count = genesis(state_id), -1, 0
+    after = None
     if earlier:
-        head = str(earlier[-1]["head"])
-        last_index, count = int(earlier[-1]["last_index"]), int(earlier[-1]["calls"])
-    after_index = last_index
-    for call in _calls(statements, state_id, last_index):
-        if call["status"] == "pending":
+        last = _seal(earlier[-1])
+        after = Link(index=last.last_index, head=last.head, calls=last.calls)
+    end: Link | None = None
+    for step in walk(statements, state_id, after=after):
+        if step.call is not None and step.call["status"] == "pending":
             break  # a call begun since the state was chosen: seal up to it
-        head, last_index, count = link(head, call), int(call["call_index"]), count + 1
-    if last_index == after_index:
+        end = step
+    if end is None:
         return None
-    return _Chained(state_id, after_index, Seal(state_id, last_index, head, count))
+    after_index = after.index if after else -1
+    return _Chained(state_id, after_index, Seal(state_id, end.index, end.head, end.calls))
 
 
 def _store(statements: Statements, chained: _Chained) -> Seal | None:
@@ -245,18 +296,20 @@ def _check_state(
     state_id = state_seals[0].state_id
     boundaries = {s.last_index: s for s in state_seals}
     heads_at: dict[int, tuple[str, int]] = {}
-    head, count = genesis(state_id), 0
+    purged: list[range] = []
     last = max(boundaries)
-    for call in _calls(statements, state_id, -1):
-        index = call["call_index"]
-        if index > last:
+    for step in walk(statements, state_id):
+        if (step.index if step.purged_from is None else step.purged_from) > last:
             break
-        head, count = link(head, call), count + 1
-        if index in boundaries:
-            heads_at[int(index)] = (head, count)
+        if step.purged_from is not None:
+            purged.append(range(step.purged_from, step.index + 1))
+        if step.index in boundaries:
+            heads_at[step.index] = (step.head, step.calls)
     problems = []
     for sealed in state_seals:
         recomputed = heads_at.get(sealed.last_index)
+        if recomputed is None and any(sealed.last_index in span for span in purged):
+            continue  # its calls are purged: the purge's head carries the chain on
         exported = expected.get((state_id, sealed.last_index))
         problem = None
         if recomputed is None:

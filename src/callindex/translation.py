@@ -1,7 +1,7 @@
 """The one boundary where driver errors become callindex's own.
 
 PostgreSQL errors are looked up by SQLSTATE (exact code, then class) in one
-table, callindex's own refusals included (``CX001``..``CX007``, one per
+table, callindex's own refusals included (``CX001``..``CX009``, one per
 condition); a unique violation by the columns its index covers, read from the
 catalog. SQLite errors by their extended result code, by the columns a
 UNIQUE failure names, and by the code callindex's triggers start their
@@ -34,8 +34,10 @@ from callindex.errors import (
     DatabaseError,
     DatabaseUnavailableError,
     ImmutableCallError,
+    ImmutablePurgeError,
     ImmutableSealError,
     IndexAheadError,
+    IndexTakenError,
     PermissionDeniedError,
     SchemaMissingError,
 )
@@ -79,6 +81,8 @@ CALLINDEX_CODES: Final[dict[str, Meaning]] = {
     "CX005": lambda where, detail: counter_behind(),  # SQLite: an index already recorded
     "CX006": _refusal(CallRefusedError),  # SQLite: PostgreSQL's CHECKs raise 23514
     "CX007": _refusal(ImmutableSealError),
+    "CX008": _refusal(ImmutablePurgeError),
+    "CX009": _refusal(IndexTakenError),  # an index whose call was purged
 }
 
 

@@ -29,6 +29,7 @@ SUBCOMMANDS: Final = {
     "calls": "callindex.cli.trail:calls_command",
     "verify": "callindex.cli.trail:verify",
     "sweep": "callindex.cli.trail:sweep",
+    "purge": "callindex.cli.trail:purge",
     "repair": "callindex.cli.trail:repair",
     "seal": "callindex.cli.trail:seal",
     "doctor": "callindex.cli.doctor:doctor",

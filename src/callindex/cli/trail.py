@@ -1,4 +1,5 @@
-"""The trail's subcommands: open states, allocate, list calls, verify, sweep, repair."""
+"""The trail's subcommands: open states, allocate, list calls, verify, sweep, purge,
+repair, seal."""
 
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def _print_report(report: Report) -> None:
         ("counters behind their calls (run `callindex repair`)", report.counters_behind, True),
         ("gaps between recorded calls", report.gaps, False),
         ("reserved indices above the last call", report.unused_reservations, False),
+        ("runs of indices whose calls were purged (not gaps)", report.purged, False),
         (
             f"pending calls older than {report.pending_threshold_seconds:g}s "
             "(run `callindex sweep`)",
@@ -219,6 +221,45 @@ def sweep(ctx: click.Context, older_than: float, state_prefix: str) -> None:
             f"({printable(call['call_id'])})"
         )
     stderr().print(f"{len(swept)} pending calls marked abandoned")
+
+
+@click.command()
+@database_option
+@click.option(
+    "--before",
+    "older_than",
+    metavar="DURATION",
+    callback=duration,
+    required=True,
+    help="Purge finished calls created at least DURATION ago (90d, 12h, 1d12h).",
+)
+@click.option(
+    "--state-prefix",
+    default="",
+    metavar="PREFIX",
+    help="Only calls of states whose id starts with PREFIX.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each purged run as a line of JSON.")
+@click.pass_context
+def purge(ctx: click.Context, older_than: float, state_prefix: str, as_json: bool) -> None:
+    """Delete finished calls created at least DURATION ago, keeping every counter
+    (no index is handed out again) and recording each purged run of indices in
+    call_purges. A sealed state gives up only the calls it has sealed; pending
+    calls stay. Owner role only."""
+    with recorder(ctx) as opened:
+        purged = opened.purge(older_than, state_prefix=state_prefix)
+    for run in purged:
+        if as_json:
+            click.echo(json.dumps(run.as_json()))
+        else:
+            sealed = " (sealed)" if run.head else ""
+            click.echo(
+                f"purged {printable(run.state_id)}#{run.first_index}..{run.last_index}: "
+                f"{run.calls} calls{sealed}"
+            )
+    states = len({run.state_id for run in purged})
+    total = sum(run.calls for run in purged)
+    stderr().print(f"{total} calls purged from {states} states")
 
 
 @click.command()

@@ -1,0 +1,343 @@
+"""Retention: ``purge`` removes finished calls older than a bound, never an
+index. Counters stay, every purged run is recorded in ``call_purges``,
+``verify`` explains purged runs instead of reporting gaps, and a sealed
+state's seals stay verifiable for what remains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+from test_seals import as_superuser_without_triggers
+
+from callindex import (
+    AsyncCallRecorder,
+    CallRecorder,
+    ImmutableCallError,
+    ImmutablePurgeError,
+    IndexTakenError,
+    InvalidInputError,
+    PermissionDeniedError,
+)
+from callindex.cli import cli
+from callindex.database import Database
+from callindex.seals import read_heads
+
+from conftest import as_role, assert_trail_sound, call_rows, counter_value
+from workers import record_many, run_workers
+
+OLD = 0.4  # seconds: calls recorded before the pause are this much older
+
+
+def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql))]
+
+
+def _purges(url: str) -> list[tuple[str, int, int, int, bool]]:
+    return [
+        (state, first, last, calls, head is not None)
+        for state, first, last, calls, head in _rows(
+            url,
+            "SELECT state_id, first_index, last_index, calls, head FROM call_purges "
+            "ORDER BY state_id, first_index",
+        )
+    ]
+
+
+def _run(url: str, sql: str) -> None:
+    """``sql`` through callindex's error translation."""
+    db = Database(url)
+    try:
+        db.run(lambda statements: statements.connection.execute(text(sql)))
+    finally:
+        db.dispose()
+
+
+@pytest.fixture
+def aged(db_url: str) -> CallRecorder:
+    """State a: calls 0..4 old, 5 pending (old), 6 old, then 7 new; state b:
+    0..4 old; state keep-1: 0..1 old. "Old" means at least OLD seconds."""
+    recorder = CallRecorder(db_url, auto_open=True)
+    for n in range(5):
+        recorder.record_call("a", "http", "success", {"n": n})
+        recorder.record_call("b", "http", "error", {"n": n}, error={"e": n})
+    recorder.begin_call("a", "llm", {"pending": True})
+    recorder.record_call("a", "http", "success", {"n": 6})
+    for n in range(2):
+        recorder.record_call("keep-1", "http", "success", {"n": n})
+    time.sleep(OLD)
+    recorder.record_call("a", "http", "success", {"n": 7})
+    return recorder
+
+
+class TestPurging:
+    def test_removes_finished_calls_older_than_the_bound_and_records_each_run(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            purged = aged.purge(OLD / 2)
+        assert [(p.state_id, p.first_index, p.last_index, p.calls) for p in purged] == [
+            ("a", 0, 4, 5),  # the pending call at 5 ends the run
+            ("a", 6, 6, 1),
+            ("b", 0, 4, 5),
+            ("keep-1", 0, 1, 2),
+        ]
+        assert all(p.head is None and p.purged_by for p in purged)
+        assert _purges(db_url) == [
+            (p.state_id, p.first_index, p.last_index, p.calls, False) for p in purged
+        ]
+        assert [(s, i, status) for _, s, i, status in call_rows(db_url)] == [
+            ("a", 5, "pending"),
+            ("a", 7, "success"),
+        ]
+
+    def test_keeps_every_counter_so_no_index_is_handed_out_again(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            counters = {s: counter_value(db_url, s) for s in ("a", "b", "keep-1")}
+            aged.purge(OLD / 2)
+            assert {s: counter_value(db_url, s) for s in counters} == counters
+            assert aged.record_call("b", "http", "success", {}).call_index == 5
+            assert aged.allocate_call_index("keep-1") == 2
+            with pytest.raises(IndexTakenError, match="taken"):
+                aged.record_call("b", "http", "success", {"again": 1}, call_index=3)
+        assert _rows(db_url, "SELECT count(*) FROM calls WHERE state_id = 'b'") == [(1,)]
+
+    def test_a_writer_that_names_a_purged_index_is_refused(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            aged.purge(OLD / 2)
+        if db_url.startswith("sqlite"):  # on PostgreSQL only the owner inserts unvouched
+            with pytest.raises(IndexTakenError, match="purged"):
+                _run(
+                    db_url,
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                    "VALUES ('planted', 'b', 2, 'http', 'success')",
+                )
+        assert _rows(db_url, "SELECT count(*) FROM calls WHERE call_id = 'planted'") == [(0,)]
+
+    def test_verify_explains_purged_runs_instead_of_gaps(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            aged.allocate_call_index("b", 2)  # 5..6 reserved, never used: still reported
+            aged.purge(OLD / 2)
+            report = aged.verify()
+        assert report.ok, report.as_json()
+        assert report.gaps == []
+        assert [(u["state_id"], u["first_unused"], u["last_unused"]) for u in
+                report.unused_reservations] == [("b", 5, 6)]  # fmt: skip
+        assert [(p["state_id"], p["first_index"], p["last_index"]) for p in report.purged] == [
+            ("a", 0, 4),
+            ("a", 6, 6),
+            ("b", 0, 4),
+            ("keep-1", 0, 1),
+        ]
+
+    def test_only_states_with_the_prefix(self, aged: CallRecorder, db_url: str) -> None:
+        with aged:
+            purged = aged.purge(0, state_prefix="keep-")
+        assert {p.state_id for p in purged} == {"keep-1"}
+        assert {s for _, s, _, _ in call_rows(db_url)} == {"a", "b"}
+
+    def test_nothing_older_than_the_bound_is_nothing_purged(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            assert aged.purge(3600) == []
+        assert len(call_rows(db_url)) == 15
+        assert _purges(db_url) == []
+
+    @pytest.mark.parametrize("seconds", [-1, float("nan"), "1d", True])
+    def test_a_bad_bound_is_refused_before_anything_is_written(
+        self, aged: CallRecorder, db_url: str, seconds: Any
+    ) -> None:
+        with aged, pytest.raises(InvalidInputError):
+            aged.purge(seconds)
+        assert len(call_rows(db_url)) == 15
+
+    def test_the_async_recorder_purges_too(self, aged: CallRecorder, db_url: str) -> None:
+        aged.close()
+
+        async def main() -> int:
+            async with AsyncCallRecorder(db_url) as recorder:
+                return sum(p.calls for p in await recorder.purge(OLD / 2))
+
+        assert asyncio.run(main()) == 13
+
+
+class TestTheGuards:
+    def test_a_call_cannot_be_deleted_outside_a_purge(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        aged.close()
+        with pytest.raises(ImmutableCallError):
+            _run(db_url, "DELETE FROM calls WHERE state_id = 'b'")
+        assert len(call_rows(db_url)) == 15
+
+    @pytest.mark.parametrize(
+        "statement", ["UPDATE call_purges SET calls = 1", "DELETE FROM call_purges"]
+    )
+    def test_a_purge_record_is_never_changed_or_deleted(
+        self, aged: CallRecorder, db_url: str, statement: str
+    ) -> None:
+        with aged:
+            aged.purge(OLD / 2)
+        with pytest.raises(ImmutablePurgeError, match="never changed"):
+            _run(db_url, statement)
+        assert len(_purges(db_url)) == 4
+
+    def test_the_application_role_cannot_purge_and_the_auditor_reads_purges(
+        self, roles: str
+    ) -> None:
+        with CallRecorder(roles) as owner:
+            owner.record_call("s", "http", "success", {})
+            time.sleep(0.05)
+        with (
+            CallRecorder(as_role(roles, "callindex_test_app")) as app,
+            pytest.raises(PermissionDeniedError, match="only the owner"),
+        ):
+            app.purge(0)
+        with CallRecorder(roles) as owner:
+            assert [p.state_id for p in owner.purge(0)] == ["s"]
+        with CallRecorder(as_role(roles, "callindex_test_auditor")) as auditor:
+            report = auditor.verify(seals=True)
+        assert report.ok and [p["state_id"] for p in report.purged] == ["s"]
+        with (
+            CallRecorder(as_role(roles, "callindex_test_app")) as app,
+            pytest.raises(IndexTakenError),
+        ):
+            app.record_call("s", "http", "success", {}, call_index=0)
+
+
+class TestSealedStates:
+    def test_a_sealed_state_gives_up_only_its_sealed_calls(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            (sealed,) = aged.seal("b")
+            aged.record_call("b", "http", "success", {"after": "seal"})  # 5, unsealed
+            time.sleep(OLD)
+            purged = {p.state_id: p for p in aged.purge(OLD / 2)}
+        assert (purged["b"].first_index, purged["b"].last_index) == (0, 4)
+        assert purged["b"].head == sealed.head  # the chain's head after the run
+        assert [i for _, s, i, _ in call_rows(db_url) if s == "b"] == [5]
+
+    def test_the_seals_stay_verifiable_for_what_remains(
+        self, aged: CallRecorder, db_url: str, tmp_path: Any
+    ) -> None:
+        heads = tmp_path / "heads.jsonl"
+        with aged:
+            exported = aged.seal("b")
+            for n in range(3):
+                aged.record_call("b", "http", "success", {"later": n})  # 5..7
+            exported += aged.seal("b")
+            time.sleep(OLD)
+            aged.record_call("b", "http", "success", {"newest": 1})  # 8, new and unsealed
+            purged = [p for p in aged.purge(OLD / 2 + 0.1) if p.state_id == "b"]
+            heads.write_text("\n".join(json.dumps(s.as_json()) for s in exported))
+            report = aged.verify(seals=True, heads=read_heads(heads))
+            assert report.ok and report.seals_checked == 2, report.as_json()
+            # Extended and sealed after the purge: the chain goes on from the purge's head.
+            exported += aged.seal("b")
+            assert exported[-1].last_index == 8 and exported[-1].calls == 9
+            assert aged.verify(seals=True).ok
+        assert [(p.first_index, p.last_index) for p in purged] == [(0, 7)]
+
+    def test_tampering_with_what_remains_is_still_detected(
+        self, aged: CallRecorder, db_url: str
+    ) -> None:
+        with aged:
+            aged.seal("b")
+            for n in range(3):
+                aged.record_call("b", "http", "success", {"later": n})  # 5..7: young
+            aged.seal("b")
+            aged.purge(OLD / 2)  # only 0..4 of b
+            with as_superuser_without_triggers(db_url) as conn:
+                conn.execute(text("UPDATE calls SET latency_ms = 9 WHERE call_index = 6"))
+            (found,) = aged.verify(seals=True).seal_mismatches
+        assert (found["state_id"], found["last_index"]) == ("b", 7)
+
+    def test_a_forged_purge_head_is_detected(self, aged: CallRecorder, db_url: str) -> None:
+        with aged:
+            aged.seal("b")
+            aged.record_call("b", "http", "success", {"later": 1})  # 5: young
+            aged.seal("b")
+            aged.purge(OLD / 2)  # 0..4 of b
+            with as_superuser_without_triggers(db_url) as conn:
+                conn.execute(text(f"UPDATE call_purges SET head = '{'0' * 64}'"))
+            found = aged.verify(seals=True).seal_mismatches
+        # The seal at 4 no longer matches the run's head, and the chain from
+        # the forged head no longer reaches the seal at 5.
+        assert [(f["state_id"], f["last_index"]) for f in found] == [("b", 4), ("b", 5)]
+
+
+def test_the_command_line_purges_and_verify_shows_the_runs(aged: CallRecorder, db_url: str) -> None:
+    aged.close()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--db", db_url, "purge", "--before", "0.2s", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["state_id"], r["first_index"], r["calls"]) for r in lines] == [
+        ("a", 0, 5),
+        ("a", 6, 1),
+        ("b", 0, 5),
+        ("keep-1", 0, 2),
+    ]
+    assert "13 calls purged from 3 states" in result.stderr
+    shown = runner.invoke(cli, ["--db", db_url, "verify"])
+    assert shown.exit_code == 0, shown.output
+    assert "4 runs of indices whose calls were purged" in shown.stdout
+    assert "0 gaps between recorded calls" in shown.stdout
+    bad = runner.invoke(cli, ["--db", db_url, "purge", "--before", "soon"])
+    assert bad.exit_code == 2 and "not a duration" in bad.output
+
+
+def test_purging_while_processes_record_loses_and_duplicates_nothing(db_url: str) -> None:
+    """Four processes record on two shared states while purges run every
+    50 ms: afterwards every acknowledged call is in the table or inside a
+    purged run, no index is held twice (by calls or runs), and verify passes."""
+    with CallRecorder(db_url) as recorder:
+        for state_id in ("hot", "cold"):
+            recorder.open_state(state_id)
+    stop = threading.Event()
+    purged: list[Any] = []
+
+    def purge_repeatedly() -> None:
+        with CallRecorder(db_url) as purger:
+            while not stop.is_set():
+                purged.extend(purger.purge(0.02))
+                time.sleep(0.05)
+
+    purging = threading.Thread(target=purge_repeatedly)
+    purging.start()
+    try:
+        plans = [(db_url, f"w{n}", ["hot", "cold"], 150) for n in range(4)]
+        results = run_workers(record_many, plans, timeout=240)
+    finally:
+        stop.set()
+        purging.join()
+    acknowledged: dict[str, tuple[str, int]] = {}
+    for result in results:
+        acknowledged.update({cid: (s, i) for cid, (s, i) in result["acknowledged"].items()})
+    assert len(acknowledged) == 600
+    assert purged, "no purge ran while the workers recorded"
+    runs = _rows(db_url, "SELECT state_id, first_index, last_index, calls FROM call_purges")
+    held = {(s, i) for _, s, i, _ in call_rows(db_url)}
+    in_runs = {(s, i) for s, first, last, _ in runs for i in range(first, last + 1)}
+    assert not held & in_runs  # an index is held by a call or by a purged run, never both
+    assert sum(calls for *_, calls in runs) + len(held) == 600  # nothing lost
+    assert set(acknowledged.values()) <= held | in_runs
+    remaining = {cid: where for cid, where in acknowledged.items() if where in held}
+    assert_trail_sound(db_url, remaining, gapless=False)  # purged runs are the only gaps
+    with CallRecorder(db_url) as recorder:
+        assert recorder.verify().gaps == []
