@@ -268,3 +268,86 @@ SELECT session_user AS purged_by,
        pg_has_role(current_user, relowner, 'USAGE') AS owner
 FROM pg_class
 WHERE oid = 'calls'::regclass;
+
+-- calls_is_partitioned --
+SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
+               WHERE partrelid = to_regclass('calls')) AS partitioned;
+
+-- calls_referenced_by --
+-- Foreign keys of other tables that reference calls.
+SELECT conname AS name, CAST(CAST(conrelid AS regclass) AS text) AS table_name
+FROM pg_constraint
+WHERE contype = 'f' AND confrelid = CAST('calls' AS regclass) AND conrelid <> confrelid;
+
+-- indexes_of_calls --
+SELECT index.relname AS name, pg_get_indexdef(pg_index.indexrelid) AS definition,
+       pg_index.indisunique AS is_unique,
+       ARRAY(SELECT attribute.attname
+             FROM unnest(pg_index.indkey) AS key(attnum)
+             JOIN pg_attribute AS attribute
+               ON attribute.attrelid = pg_index.indrelid AND attribute.attnum = key.attnum)
+           AS columns,
+       quote_ident(namespace.nspname) || '.' || quote_ident(tab.relname) AS table_reference
+FROM pg_index
+JOIN pg_class AS index ON index.oid = pg_index.indexrelid
+JOIN pg_class AS tab ON tab.oid = pg_index.indrelid
+JOIN pg_namespace AS namespace ON namespace.oid = tab.relnamespace
+WHERE pg_index.indrelid = CAST('calls' AS regclass)
+ORDER BY index.relname;
+
+-- triggers_of_calls --
+SELECT pg_get_triggerdef(oid) AS definition
+FROM pg_trigger
+WHERE tgrelid = CAST('calls' AS regclass) AND NOT tgisinternal
+ORDER BY tgname;
+
+-- foreign_keys_of_calls --
+SELECT conname AS name, pg_get_constraintdef(oid) AS definition
+FROM pg_constraint
+WHERE conrelid = CAST('calls' AS regclass) AND contype = 'f'
+ORDER BY conname;
+
+-- table_grants_of_calls --
+SELECT CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
+            ELSE quote_ident(pg_get_userbyid(acl.grantee)) END AS grantee,
+       acl.privilege_type AS privilege
+FROM pg_class, aclexplode(pg_class.relacl) AS acl
+WHERE pg_class.oid = CAST('calls' AS regclass) AND acl.grantee <> pg_class.relowner;
+
+-- column_grants_of_calls --
+SELECT CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
+            ELSE quote_ident(pg_get_userbyid(acl.grantee)) END AS grantee,
+       acl.privilege_type AS privilege, attribute.attname AS column_name
+FROM pg_attribute AS attribute, aclexplode(attribute.attacl) AS acl
+WHERE attribute.attrelid = CAST('calls' AS regclass) AND attribute.attacl IS NOT NULL;
+
+-- months_of_calls --
+SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC') AS month
+FROM calls
+ORDER BY month;
+
+-- partitions_of_calls --
+SELECT child.relname AS name
+FROM pg_inherits
+JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid
+WHERE pg_inherits.inhparent = CAST('calls' AS regclass);
+
+-- default_partition_rows_between --
+SELECT count(*) AS rows FROM calls_p_default WHERE created_at >= :low AND created_at < :high;
+
+-- functions_of_calls_type --
+-- Functions whose signature uses the row type of calls, with whom they are
+-- granted to (NULL: the default, PUBLIC).
+SELECT CAST(CAST(pg_proc.oid AS regprocedure) AS text) AS signature,
+       pg_get_functiondef(pg_proc.oid) AS definition,
+       CASE WHEN pg_proc.proacl IS NULL THEN NULL
+            ELSE ARRAY(SELECT CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
+                                   ELSE quote_ident(pg_get_userbyid(acl.grantee)) END
+                       FROM aclexplode(pg_proc.proacl) AS acl
+                       WHERE acl.privilege_type = 'EXECUTE'
+                         AND acl.grantee <> pg_proc.proowner) END AS grants
+FROM pg_depend
+JOIN pg_proc ON pg_proc.oid = pg_depend.objid
+WHERE pg_depend.classid = CAST('pg_proc' AS regclass)
+  AND pg_depend.refobjid = (SELECT reltype FROM pg_class WHERE oid = CAST('calls' AS regclass))
+ORDER BY signature;

@@ -207,4 +207,5 @@ WHERE state_id = :state_id AND status <> 'pending' AND created_at < :before
 -- insert_purge --
 INSERT INTO call_purges
     (state_id, first_index, last_index, calls, head, purged_before, purged_by)
-VALUES (:state_id, :first_index, :last_index, :calls, :head, :before, :purged_by);
+VALUES (:state_id, :first_index, :last_index, :calls, :head, :before, :purged_by)
+RETURNING state_id, first_index, last_index, calls, head, purged_before, purged_at, purged_by;

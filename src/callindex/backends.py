@@ -254,7 +254,8 @@ class Backend:
 
 
 # The unique indexes of calls (constraints included: each has one), with
-# their columns; read once per process, the first time a write violates one.
+# their columns (on call_keys once calls is partitioned); read once per
+# process, the first time a write violates one.
 _UNIQUE_INDEXES_OF_CALLS: Final = """
 SELECT index.relname, array_agg(attribute.attname ORDER BY key.position)
 FROM pg_index
@@ -264,7 +265,8 @@ CROSS JOIN LATERAL unnest(pg_index.indkey) WITH ORDINALITY AS key(attnum, positi
 JOIN pg_attribute AS attribute
   ON attribute.attrelid = tab.oid AND attribute.attnum = key.attnum
 WHERE pg_index.indisunique
-  AND tab.relname = 'calls' AND tab.relnamespace = current_schema()::regnamespace
+  AND tab.relname IN ('calls', 'call_keys')  -- call_keys: calls partitioned (partitions.py)
+  AND tab.relnamespace = current_schema()::regnamespace
 GROUP BY index.relname
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import inspect
 
-from callindex import seals
+from callindex import partitions, seals
 from callindex.database import Database, Statements
 from callindex.errors import InvalidInputError, PermissionDeniedError
 from callindex.schema import call_purges
@@ -79,12 +79,12 @@ def purge(db: Database, before: datetime, state_prefix: str = "") -> list[Purge]
         raise InvalidInputError(f"state_prefix must be a string, not {type(state_prefix).__name__}")
     bound = _bound(db, before)
     purged_by = db.read(lambda statements: _purger(statements))
+    done = _drop_months(db, bound, state_prefix, purged_by)
     candidates = db.read(
         lambda statements: statements.rows(
             "purge_candidates", {"before": bound, "state_prefix": state_prefix}
         )
     )
-    done: list[Purge] = []
     for candidate in candidates:
         work = functools.partial(
             _purge_state,
@@ -96,6 +96,54 @@ def purge(db: Database, before: datetime, state_prefix: str = "") -> list[Purge]
         )
         done.extend(db.run(work))
     return done
+
+
+def _drop_months(db: Database, before: Any, state_prefix: str, purged_by: str) -> list[Purge]:
+    """PostgreSQL with ``calls`` partitioned by month: drop each month wholly
+    before the bound whose calls may all be purged, recording its runs."""
+    if db.name != "postgresql" or state_prefix:
+        return []
+    partitions.ensure_months_ahead(db)
+    done: list[Purge] = []
+    for month in db.read(lambda statements: partitions.droppable_months(statements, before)):
+
+        def drop(statements: Statements, month: str = month) -> list[Purge]:
+            runs = partitions.month_runs(statements, month)
+            if runs is None:
+                return []  # purged row by row instead
+            recorded = _record(statements, runs, before, purged_by)
+            partitions.drop_month(statements, month)
+            return recorded
+
+        done.extend(db.run(drop))
+    return done
+
+
+def _record(
+    statements: Statements, runs: Sequence[Mapping[str, Any]], before: Any, purged_by: str
+) -> list[Purge]:
+    """Record purged ``runs`` (of one state or more; the calls still there),
+    with the seal chain's head after each run of a sealed state."""
+    by_state: dict[str, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        by_state.setdefault(str(run["state_id"]), []).append(run)
+    recorded = []
+    for state_id, state_runs in by_state.items():
+        sealed = bool(state_runs[0]["sealed"])
+        heads = _heads(statements, state_id, state_runs) if sealed else [None] * len(state_runs)
+        for run, head in zip(state_runs, heads, strict=True):
+            row = {
+                "state_id": state_id,
+                "first_index": int(run["first_index"]),
+                "last_index": int(run["last_index"]),
+                "calls": int(run["calls"]),
+                "head": head,
+                "before": before,
+                "purged_by": purged_by,
+            }
+            (stored,) = statements.rows("insert_purge", row)
+            recorded.append(Purge.from_row(stored))
+    return recorded
 
 
 def _bound(db: Database, before: datetime) -> Any:
@@ -130,22 +178,19 @@ def _purge_state(
     statements.rows("purge_snapshot")
     statements.rows("lock_counter", {"state_id": state_id})
     where = {"state_id": state_id, "before": before, "through": through}
-    runs = statements.rows("purge_ranges", where)
+    runs = [
+        {**run, "state_id": state_id, "sealed": sealed}
+        for run in statements.rows("purge_ranges", where)
+    ]
     if not runs:
         return []
-    heads = _heads(statements, state_id, runs) if sealed else [None] * len(runs)
+    recorded = _record(statements, runs, before, purged_by)
     statements.rows("begin_purge")
     deleted = statements.count("delete_purged", where)
     statements.rows("end_purge")
-    if deleted != sum(int(run["calls"]) for run in runs):
+    if deleted != sum(run.calls for run in recorded):
         raise AssertionError(f"purge of {state_id!r} deleted {deleted} calls, not its runs'")
-    for run, head in zip(runs, heads, strict=True):
-        statements.rows("insert_purge", {**where, **run, "head": head, "purged_by": purged_by})
-    return [
-        Purge.from_row(row)
-        for row in statements.rows("purges_of_state", {"state_id": state_id})
-        if int(row["first_index"]) in {int(run["first_index"]) for run in runs}
-    ]
+    return recorded
 
 
 def _heads(

@@ -95,6 +95,30 @@ def db_legacy_writers(ctx: click.Context, mode: str) -> None:
     stderr().print(f"{chosen.display_url}: legacy writers {mode}")
 
 
+@db.command("partition")
+@database_option
+@click.option(
+    "--months-ahead",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Also make the partitions of this many months ahead.",
+)
+@click.pass_context
+def db_partition(ctx: click.Context, months_ahead: int) -> None:
+    """PostgreSQL: keep calls partitioned by created_at month, so that `purge`
+    drops a month's partition instead of deleting its rows. Converts the table
+    once (under an exclusive lock: writers wait while it is copied); run it
+    again to make the months ahead."""
+    from callindex import partitions
+
+    chosen = database(ctx)
+    created = partitions.partition(chosen, months_ahead)
+    for name in created:
+        click.echo(f"created {name}")
+    stderr().print(f"{chosen.display_url}: calls partitioned by month")
+
+
 @db.command("check")
 @database_option
 @click.pass_context

@@ -1,0 +1,267 @@
+"""PostgreSQL: ``calls`` partitioned by ``created_at`` month (``callindex db
+partition``). The write path, its guarantees and the roles work as before;
+``purge`` drops a month's partition whole; adoption and upgrades keep working."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from callindex import (
+    CallIdConflictError,
+    CallRecorder,
+    ConfigurationError,
+    ImmutableCallError,
+    IndexTakenError,
+    adoption,
+    migrations,
+    partitions,
+)
+from callindex.cli import cli
+from callindex.database import Database
+
+from conftest import as_role, assert_trail_sound, call_rows, counter_value
+from legacy import create_legacy_database
+from workers import record_many, run_workers
+
+LONG_AGO = datetime.now(UTC) - timedelta(days=62)
+
+
+def _partition(url: str, months_ahead: int = 3) -> list[str]:
+    db = Database(url)
+    try:
+        return partitions.partition(db, months_ahead)
+    finally:
+        db.dispose()
+
+
+def _scalar(url: str, sql: str) -> object:
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        return conn.execute(text(sql)).scalar()
+
+
+def _tables(url: str) -> set[str]:
+    with CallRecorder(url) as recorder, recorder.engine.connect() as conn:
+        return set(conn.execute(text("SELECT tablename FROM pg_tables")).scalars())
+
+
+def _record_long_ago(url: str, state_id: str, calls: int, *, pending: bool = False) -> None:
+    """``calls`` finished calls of ``state_id`` created two months ago (written
+    by the owner, as an import would), at indices the counter handed out."""
+    with CallRecorder(url) as recorder:
+        recorder.open_state(state_id)
+        first = recorder.allocate_call_index(state_id, calls)
+        with recorder.engine.begin() as conn:
+            for n in range(calls):
+                last = pending and n == calls - 1
+                conn.execute(
+                    text(
+                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
+                        "created_at, completed_at, hash_scheme) VALUES (:id, :state, "
+                        ":index, 'http', :status, :at, :done, 'rfc8785')"
+                    ),
+                    {
+                        "id": f"{state_id}-old-{n}",
+                        "state": state_id,
+                        "index": first + n,
+                        "status": "pending" if last else "success",
+                        "at": LONG_AGO,
+                        "done": None if last else LONG_AGO,
+                    },
+                )
+
+
+def _month_partition(moment: datetime) -> str:
+    return partitions.partition_name(date(moment.year, moment.month, 1))
+
+
+@pytest.fixture
+def partitioned(postgresql_url: str) -> Iterator[str]:
+    """A database with calls two months old in states old-1 and old-2 (and
+    one of this month in old-1), then partitioned by month."""
+    _record_long_ago(postgresql_url, "old-1", 5)
+    _record_long_ago(postgresql_url, "old-2", 3)
+    with CallRecorder(postgresql_url) as recorder:
+        recorder.record_call("old-1", "http", "success", {"new": True})
+    created = _partition(postgresql_url)
+    assert _month_partition(LONG_AGO) in created
+    yield postgresql_url
+
+
+class TestThePartitionedTable:
+    def test_is_partitioned_by_month_with_months_ahead_and_a_default(
+        self, partitioned: str
+    ) -> None:
+        assert _scalar(partitioned, "SELECT count(*) FROM pg_partitioned_table") == 1
+        tables = _tables(partitioned)
+        this_month = datetime.now(UTC)
+        for months in range(4):
+            moment = this_month.replace(day=1) + timedelta(days=32 * months)
+            assert _month_partition(moment) in tables
+        assert {"calls_p_default", "call_keys", _month_partition(LONG_AGO)} <= tables
+        assert _partition(partitioned) == []  # idempotent
+        assert [c.call_index for c in CallRecorder(partitioned).calls("old-1")] == list(range(6))
+
+    def test_keeps_the_write_path_and_its_guarantees(self, partitioned: str) -> None:
+        with CallRecorder(partitioned, auto_open=True) as recorder:
+            once = recorder.record_call("s", "http", "success", {"q": 1}, call_id="c1")
+            assert recorder.record_call("s", "http", "success", {"q": 1}, call_id="c1") == once
+            with pytest.raises(CallIdConflictError):
+                recorder.record_call("s", "http", "success", {"q": 2}, call_id="c1")
+            first = recorder.allocate_call_index("s", 2)
+            recorder.record_call("s", "http", "success", {}, call_index=first)
+            with pytest.raises(IndexTakenError):
+                recorder.record_call("s", "http", "success", {"x": 1}, call_index=first)
+            begun = recorder.begin_call("s", "llm", {})
+            recorder.finish_call(begun.call_id, "success", {"a": 1})
+            assert [c.call_index for c in recorder.calls("s")] == [0, 1, 3]
+            assert recorder.seal("s") and recorder.verify(seals=True, hashes=True).ok
+        with pytest.raises(ImmutableCallError):
+            _run(partitioned, "UPDATE calls SET status = 'error' WHERE call_id = 'c1'")
+        with pytest.raises(ImmutableCallError):
+            _run(partitioned, f"TRUNCATE {_month_partition(datetime.now(UTC))}")
+
+    def test_a_duplicate_index_is_refused_across_partitions(self, partitioned: str) -> None:
+        """call_keys holds the unique indexes: a call of this month may not
+        take an index a call of two months ago holds."""
+        with pytest.raises(IndexTakenError):
+            CallRecorder(partitioned).record_call(
+                "old-1", "http", "success", {"again": 1}, call_index=0
+            )
+        with CallRecorder(partitioned) as recorder, recorder.engine.begin() as conn:
+            # The owner's plain INSERT, which no other guard checks.
+            with pytest.raises(Exception, match="uq_calls_state_id_call_index"):
+                conn.execute(
+                    text(
+                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                        "VALUES ('dup', 'old-1', 0, 'http', 'success')"
+                    )
+                )
+
+    def test_processes_record_on_shared_states(self, partitioned: str) -> None:
+        with CallRecorder(partitioned) as recorder:
+            recorder.open_state("hot")
+        plans = [(partitioned, f"w{n}", ["hot", "old-2"], 100) for n in range(4)]
+        results = run_workers(record_many, plans, timeout=240)
+        acknowledged: dict[str, tuple[str, int]] = {}
+        for result in results:
+            acknowledged.update({cid: (s, i) for cid, (s, i) in result["acknowledged"].items()})
+        assert len(acknowledged) == 400
+        assert_trail_sound(partitioned, acknowledged)
+
+    def test_the_roles_keep_their_privileges(self, roles: str) -> None:
+        _partition(roles)
+        with CallRecorder(as_role(roles, "callindex_test_app")) as app:
+            begun = app.begin_call("s", "llm", {})
+            app.finish_call(begun.call_id, "success", {})
+            assert app.record_call("s", "http", "success", {}).call_index == 1
+        with CallRecorder(as_role(roles, "callindex_test_auditor")) as auditor:
+            assert auditor.verify().ok and len(auditor.calls("s")) == 2
+
+    def test_sqlite_has_no_partitions(self, sqlite_url: str) -> None:
+        with pytest.raises(ConfigurationError, match="PostgreSQL"):
+            _partition(sqlite_url)
+
+
+def _run(url: str, sql: str) -> None:
+    db = Database(url)
+    try:
+        db.run(lambda statements: statements.connection.execute(text(sql)))
+    finally:
+        db.dispose()
+
+
+class TestPurgingByMonth:
+    def test_a_month_whose_calls_may_all_go_is_dropped(self, partitioned: str) -> None:
+        month = _month_partition(LONG_AGO)
+        with CallRecorder(partitioned) as recorder:
+            purged = recorder.purge(30 * 86400)
+            assert [(p.state_id, p.first_index, p.last_index, p.calls) for p in purged] == [
+                ("old-1", 0, 4, 5),
+                ("old-2", 0, 2, 3),
+            ]
+            report = recorder.verify()
+            assert report.ok and report.gaps == [] and len(report.purged) == 2
+            with pytest.raises(IndexTakenError):
+                recorder.record_call("old-2", "http", "success", {}, call_index=1)
+            assert recorder.record_call("old-2", "http", "success", {}).call_index == 3
+        assert month not in _tables(partitioned)
+        assert counter_value(partitioned, "old-1") == 6
+        assert [(s, i) for _, s, i, _ in call_rows(partitioned)] == [("old-1", 5), ("old-2", 3)]
+
+    def test_a_month_with_a_pending_call_is_purged_row_by_row(self, postgresql_url: str) -> None:
+        _record_long_ago(postgresql_url, "old-1", 4, pending=True)
+        _partition(postgresql_url)
+        with CallRecorder(postgresql_url) as recorder:
+            purged = recorder.purge(30 * 86400)
+        assert [(p.first_index, p.last_index) for p in purged] == [(0, 2)]
+        assert _month_partition(LONG_AGO) in _tables(postgresql_url)
+        assert [(i, status) for _, _, i, status in call_rows(postgresql_url)] == [(3, "pending")]
+
+    def test_a_sealed_state_keeps_its_seals_verifiable(self, partitioned: str) -> None:
+        with CallRecorder(partitioned) as recorder:
+            seals = recorder.seal()
+            purged = {p.state_id: p for p in recorder.purge(30 * 86400)}
+            # old-1's seal covers index 5 (this month's): the run 0..4 carries the head there.
+            assert purged["old-2"].head == next(s.head for s in seals if s.state_id == "old-2")
+            assert purged["old-1"].head is not None
+            report = recorder.verify(seals=True)
+            assert report.ok and report.seals_checked == 2, report.as_json()
+            recorder.record_call("old-1", "http", "success", {"after": 1})
+            assert recorder.seal("old-1")[0].calls == 7
+            assert recorder.verify(seals=True).ok
+
+    def test_the_command_line(self, postgresql_url: str) -> None:
+        result = CliRunner().invoke(
+            cli, ["--db", postgresql_url, "db", "partition", "--months-ahead", "1"]
+        )
+        assert result.exit_code == 0, result.output
+        assert result.stdout.count("created calls_p") == 2
+
+
+class TestAdoptionAndUpgrades:
+    def test_the_upstream_schema_adopted_then_partitioned(self, postgresql_empty_url: str) -> None:
+        url = postgresql_empty_url
+        create_legacy_database(url, states=3, calls_per_state=4)
+        db = Database(url)
+        try:
+            adoption.adopt(db)
+        finally:
+            db.dispose()
+        _partition(url)
+        assert {"ix_calls_state_call_index_unique", "ix_calls_operation_call_index_unique"} <= set(
+            _scalar(
+                url,
+                "SELECT array_agg(indexname) FROM pg_indexes WHERE tablename = 'call_keys'",
+            )  # type: ignore[arg-type]
+        )
+        with CallRecorder(url) as recorder:
+            assert recorder.record_call("state-1", "http", "success", {}).call_index == 4
+            assert recorder.verify().ok
+        with CallRecorder(url) as recorder, recorder.engine.begin() as conn:
+            with pytest.raises(Exception, match="ix_calls_operation_call_index_unique"):
+                conn.execute(
+                    text(
+                        "INSERT INTO calls (call_id, operation_id, call_index, call_type, "
+                        "status, request_hash, created_at) VALUES ('op-dup', 'operation-1', "
+                        "0, 'http', 'success', :hash, now())"
+                    ),
+                    {"hash": "1" * 64},
+                )
+
+    def test_downgrading_and_upgrading_a_partitioned_database(self, partitioned: str) -> None:
+        db = Database(partitioned)
+        try:
+            migrations.downgrade(db, "0011", force=True)
+            migrations.upgrade(db)
+            assert migrations.check(db).current == migrations.head_revision()
+        finally:
+            db.dispose()
+        with CallRecorder(partitioned) as recorder:
+            assert recorder.record_call("old-2", "http", "success", {}).call_index == 3
+            assert recorder.purge(30 * 86400)
+            assert recorder.verify().ok
