@@ -132,15 +132,18 @@ class TestThePartitionedTable:
             CallRecorder(partitioned).record_call(
                 "old-1", "http", "success", {"again": 1}, call_index=0
             )
-        with CallRecorder(partitioned) as recorder, recorder.engine.begin() as conn:
-            # The owner's plain INSERT, which no other guard checks.
-            with pytest.raises(Exception, match="uq_calls_state_id_call_index"):
-                conn.execute(
-                    text(
-                        "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
-                        "VALUES ('dup', 'old-1', 0, 'http', 'success')"
-                    )
+        # The owner's plain INSERT, which no other guard checks.
+        with (
+            pytest.raises(Exception, match="uq_calls_state_id_call_index"),
+            CallRecorder(partitioned) as recorder,
+            recorder.engine.begin() as conn,
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status) "
+                    "VALUES ('dup', 'old-1', 0, 'http', 'success')"
                 )
+            )
 
     def test_processes_record_on_shared_states(self, partitioned: str) -> None:
         with CallRecorder(partitioned) as recorder:
@@ -242,16 +245,19 @@ class TestAdoptionAndUpgrades:
         with CallRecorder(url) as recorder:
             assert recorder.record_call("state-1", "http", "success", {}).call_index == 4
             assert recorder.verify().ok
-        with CallRecorder(url) as recorder, recorder.engine.begin() as conn:
-            with pytest.raises(Exception, match="ix_calls_operation_call_index_unique"):
-                conn.execute(
-                    text(
-                        "INSERT INTO calls (call_id, operation_id, call_index, call_type, "
-                        "status, request_hash, created_at) VALUES ('op-dup', 'operation-1', "
-                        "0, 'http', 'success', :hash, now())"
-                    ),
-                    {"hash": "1" * 64},
-                )
+        with (
+            pytest.raises(Exception, match="ix_calls_operation_call_index_unique"),
+            CallRecorder(url) as recorder,
+            recorder.engine.begin() as conn,
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO calls (call_id, operation_id, call_index, call_type, "
+                    "status, request_hash, created_at) VALUES ('op-dup', 'operation-1', "
+                    "0, 'http', 'success', :hash, now())"
+                ),
+                {"hash": "1" * 64},
+            )
 
     def test_downgrading_and_upgrading_a_partitioned_database(self, partitioned: str) -> None:
         db = Database(partitioned)
