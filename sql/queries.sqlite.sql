@@ -124,8 +124,7 @@ ORDER BY calls.state_id;
 -- States with calls a purge removes: finished, created before :before (UTC
 -- text, as SQLite stores times), of states whose id starts with
 -- :state_prefix; in a sealed state only those at or below its last seal.
-SELECT calls.state_id, coalesce(sealed.through, 9223372036854775807) AS through,
-       sealed.through IS NOT NULL AS sealed
+SELECT calls.state_id
 FROM calls
 LEFT JOIN (
     SELECT state_id, max(last_index) AS through FROM call_seals GROUP BY state_id
@@ -135,7 +134,7 @@ WHERE calls.state_id IS NOT NULL
   AND calls.status <> 'pending'
   AND calls.created_at < :before
   AND calls.call_index <= coalesce(sealed.through, 9223372036854775807)
-GROUP BY calls.state_id, sealed.through
+GROUP BY calls.state_id
 ORDER BY calls.state_id;
 
 -- purge_snapshot --

@@ -19,6 +19,7 @@ Hierarchy::
     ├── CallIdConflictError        a call_id reused for a different call
     ├── IndexNotReservedError      record_call(call_index=k) for an index never handed out
     ├── IndexTakenError            record_call(call_index=k) for an index another call holds
+    │                              (or held, and was purged)
     ├── IndexSealedError           record_call(call_index=k) below a seal of the state
     ├── ConfigurationError         bad database URL, unsupported backend
     ├── SchemaError

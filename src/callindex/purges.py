@@ -24,7 +24,7 @@ import getpass
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import inspect
 
@@ -87,12 +87,7 @@ def purge(db: Database, before: datetime, state_prefix: str = "") -> list[Purge]
     )
     for candidate in candidates:
         work = functools.partial(
-            _purge_state,
-            state_id=str(candidate["state_id"]),
-            before=bound,
-            through=int(candidate["through"]),
-            sealed=bool(candidate["sealed"]),
-            purged_by=purged_by,
+            _purge_state, state_id=str(candidate["state_id"]), before=bound, purged_by=purged_by
         )
         done.extend(db.run(work))
     return done
@@ -167,16 +162,14 @@ def _purger(statements: Statements) -> str:
 
 
 def _purge_state(
-    statements: Statements,
-    *,
-    state_id: str,
-    before: Any,
-    through: int,
-    sealed: bool,
-    purged_by: str,
+    statements: Statements, *, state_id: str, before: Any, purged_by: str
 ) -> list[Purge]:
     statements.rows("purge_snapshot")
     statements.rows("lock_counter", {"state_id": state_id})
+    # Read under the counter's lock, which sealing takes too.
+    seals_of_state = statements.rows("seals_of_state", {"state_id": state_id})
+    sealed = bool(seals_of_state)
+    through = int(seals_of_state[-1]["last_index"]) if sealed else _UNSEALED
     where = {"state_id": state_id, "before": before, "through": through}
     runs = [
         {**run, "state_id": state_id, "sealed": sealed}
@@ -191,6 +184,9 @@ def _purge_state(
     if deleted != sum(run.calls for run in recorded):
         raise AssertionError(f"purge of {state_id!r} deleted {deleted} calls, not its runs'")
     return recorded
+
+
+_UNSEALED: Final = 2**63 - 1  # no seal: every index may go
 
 
 def _heads(
