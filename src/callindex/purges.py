@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -103,6 +104,8 @@ def _drop_months(db: Database, before: Any, state_prefix: str, purged_by: str) -
     for month in db.read(lambda statements: partitions.droppable_months(statements, before)):
 
         def drop(statements: Statements, month: str = month) -> list[Purge]:
+            # Dropping a partition locks calls whole: never queue writers for long.
+            db.backend.bound_lock_waits(statements.connection, db.retry.attempt_seconds)
             runs = partitions.month_runs(statements, month)
             if runs is None:
                 return []  # purged row by row instead
@@ -151,7 +154,10 @@ def _bound(db: Database, before: datetime) -> Any:
 
 def _purger(statements: Statements) -> str:
     if statements.db.name == "sqlite":
-        return getpass.getuser()
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):  # a uid without a name (containers)
+            return f"uid {os.getuid()}"
     (row,) = statements.rows("purger")
     if not row["owner"]:
         raise PermissionDeniedError(
