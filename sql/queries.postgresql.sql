@@ -210,9 +210,22 @@ WHERE state_id = :state_id AND call_index > :after_index
 ORDER BY call_index
 LIMIT :batch;
 
+-- lock_calls --
+-- A transaction that goes on to lock a counter row takes calls first, as a
+-- single INSERT INTO calls does: dropping a month's partition (calls first,
+-- then counters) never deadlocks with it.
+LOCK TABLE calls IN ACCESS SHARE MODE;
+
 -- lock_counter --
--- Sealing: no record_call(call_index=k) of the state lands while it seals.
+-- Sealing, purging: no record_call(call_index=k) of the state lands meanwhile.
+-- After lock_calls.
 SELECT next_index FROM call_index_counters WHERE state_id = :state_id FOR UPDATE;
+
+-- lock_counter_shared --
+-- record_call(call_index=k), before insert_call_at (after lock_calls): what
+-- it reads of seals and purges of the state is what committed before the
+-- lock; a seal or purge after it waits for the call.
+SELECT next_index FROM call_index_counters WHERE state_id = :state_id FOR KEY SHARE;
 
 -- seal_candidates --
 -- States with finished calls beyond their last seal and no pending call;
@@ -249,10 +262,6 @@ WHERE calls.state_id IS NOT NULL
 GROUP BY calls.state_id
 ORDER BY calls.state_id;
 
--- purge_snapshot --
--- The ranges a purge records and the rows it deletes come from one snapshot
--- (a pending call finished meanwhile is in neither). First in its transaction.
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
 
 -- begin_purge --
 -- The guard of calls lets this transaction's DELETE through.

@@ -199,10 +199,13 @@ WHERE purged = 1
 GROUP BY run
 ORDER BY first_index;
 
--- delete_purged --
+-- delete_run --
+-- The calls of one run purge_ranges found (read under the counter's lock:
+-- no call lands in the run meanwhile, and a call finished meanwhile is not
+-- in it).
 DELETE FROM calls
-WHERE state_id = :state_id AND status <> 'pending' AND created_at < :before
-  AND call_index <= :through;
+WHERE state_id = :state_id AND :first_index <= call_index AND call_index <= :last_index
+  AND status <> 'pending' AND created_at < :before;
 
 -- insert_purge --
 INSERT INTO call_purges

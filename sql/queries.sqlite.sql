@@ -98,8 +98,12 @@ WHERE state_id = :state_id AND call_index > :after_index
 ORDER BY call_index
 LIMIT :batch;
 
+-- lock_calls --
+-- SQLite's write transaction (BEGIN IMMEDIATE) holds the database already.
+SELECT 1;
+
 -- lock_counter --
--- Sealing: SQLite's write transaction (BEGIN IMMEDIATE) holds the lock already.
+-- Sealing, purging: SQLite's write transaction (BEGIN IMMEDIATE) holds the lock already.
 SELECT next_index FROM call_index_counters WHERE state_id = :state_id;
 
 -- seal_candidates --
@@ -137,9 +141,6 @@ WHERE calls.state_id IS NOT NULL
 GROUP BY calls.state_id
 ORDER BY calls.state_id;
 
--- purge_snapshot --
--- The write transaction (BEGIN IMMEDIATE) is the snapshot already.
-SELECT 1;
 
 -- begin_purge --
 -- The guard of calls lets a DELETE through while this row exists; only this

@@ -24,6 +24,7 @@ from callindex import (
     IndexTakenError,
     InvalidInputError,
     PermissionDeniedError,
+    seals,
 )
 from callindex.cli import cli
 from callindex.database import Database
@@ -280,6 +281,36 @@ class TestSealedStates:
         # the forged head no longer reaches the seal at 5.
         assert [(f["state_id"], f["last_index"]) for f in found] == [("b", 4), ("b", 5)]
 
+    def test_a_later_run_chains_on_from_the_last_seal_before_it(
+        self, aged: CallRecorder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Recording a run's head walks the chain from the state's last seal
+        below the run (a seal at a purged run's end included), not from the
+        genesis: the purger holds the state's counter meanwhile."""
+        walked_from: list[int | None] = []
+        walk = seals.walk
+
+        def spy(statements: Any, state_id: str, *, after: Any = None) -> Any:
+            walked_from.append(None if after is None else after.index)
+            return walk(statements, state_id, after=after)
+
+        with aged:
+            aged.seal("b")  # at 4
+            for n in range(3):
+                aged.record_call("b", "http", "success", {"later": n})  # 5..7
+            (second,) = aged.seal("b")
+            aged.record_call("b", "http", "success", {"newest": 1})  # 8
+            aged.seal("b")
+            monkeypatch.setattr(seals, "walk", spy)
+            first = [p for p in aged.purge(OLD / 2) if p.state_id == "b"]  # 0..4
+            time.sleep(OLD)
+            later = [p for p in aged.purge(OLD / 2) if p.state_id == "b"]  # 5..8
+            monkeypatch.undo()
+            assert aged.verify(seals=True).ok
+        assert [(p.first_index, p.last_index) for p in first + later] == [(0, 4), (5, 8)]
+        assert later[0].head is not None and walked_from[-1] == 4
+        assert second.last_index == 7
+
 
 def test_the_command_line_purges_and_verify_shows_the_runs(aged: CallRecorder, db_url: str) -> None:
     aged.close()
@@ -341,3 +372,203 @@ def test_purging_while_processes_record_loses_and_duplicates_nothing(db_url: str
     assert_trail_sound(db_url, remaining, gapless=False)  # purged runs are the only gaps
     with CallRecorder(db_url) as recorder:
         assert recorder.verify().gaps == []
+
+
+def _wait_until_blocked(url: str, count: int) -> None:
+    """Until ``count`` other sessions of this database wait for a lock."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        waiting = _rows(
+            url,
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )[0][0]
+        if waiting >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} sessions never waited for a lock")
+
+
+class TestRacesWithRecordingAtAnIndex:
+    """record_call(call_index=k) and purge of the same state, each caught
+    holding the state's counter while the other arrives (PostgreSQL: on
+    SQLite one write transaction holds the whole file)."""
+
+    @pytest.fixture
+    def reserved(self, postgresql_url: str) -> str:
+        """State s: calls 0 and 1, index 2 handed out but not recorded, call 3."""
+        with CallRecorder(postgresql_url, auto_open=True) as recorder:
+            for n in range(2):
+                recorder.record_call("s", "http", "success", {"n": n})
+            assert recorder.allocate_call_index("s") == 2
+            recorder.record_call("s", "http", "success", {"n": 3})
+        return postgresql_url
+
+    def test_an_index_purged_while_recording_waits_is_refused(self, reserved: str) -> None:
+        url = reserved
+        with CallRecorder(url) as owner, owner.engine.connect() as holder:
+            # The purge will wait to record its run (same key) holding the counter.
+            holder.execute(
+                text(
+                    "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
+                    "purged_before, purged_by) VALUES ('s', 0, 3, 3, now(), 'holder')"
+                )
+            )
+            outcome: dict[str, Any] = {}
+
+            def purge() -> None:
+                with CallRecorder(url) as purger:
+                    outcome["purged"] = purger.purge(0)
+
+            def record_at_two() -> None:
+                with CallRecorder(url) as recorder:
+                    try:
+                        outcome["recorded"] = recorder.record_call(
+                            "s", "http", "success", {"n": 2}, call_index=2
+                        )
+                    except IndexTakenError as error:
+                        outcome["refused"] = error
+
+            purging = threading.Thread(target=purge)
+            purging.start()
+            _wait_until_blocked(url, 1)
+            recording = threading.Thread(target=record_at_two)
+            recording.start()
+            _wait_until_blocked(url, 2)  # behind the purge's hold of the counter
+            holder.rollback()
+            purging.join(30)
+            recording.join(30)
+        assert [(run.first_index, run.last_index, run.calls) for run in outcome["purged"]] == [
+            (0, 3, 3)
+        ]
+        assert "refused" in outcome and "recorded" not in outcome
+        assert call_rows(url) == []
+        with CallRecorder(url) as recorder:
+            report = recorder.verify()
+        assert report.gaps == [] and report.duplicates == []
+
+    def test_a_call_recorded_while_the_purge_waits_is_seen_by_it(self, reserved: str) -> None:
+        url = reserved
+        with CallRecorder(url) as owner, owner.engine.connect() as holder:
+            # The recording will wait on its call_id (same key) holding the counter.
+            holder.execute(
+                text(
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
+                    "request) VALUES ('late', 's', 99, 'http', 'pending', '{}')"
+                )
+            )
+            outcome: dict[str, Any] = {}
+
+            def record_at_two() -> None:
+                with CallRecorder(url) as recorder:
+                    outcome["recorded"] = recorder.record_call(
+                        "s", "http", "success", {"n": 2}, call_id="late", call_index=2
+                    )
+
+            def purge() -> None:
+                with CallRecorder(url) as purger:
+                    outcome["purged"] = purger.purge(0)
+
+            recording = threading.Thread(target=record_at_two)
+            recording.start()
+            _wait_until_blocked(url, 1)
+            purging = threading.Thread(target=purge)
+            purging.start()
+            _wait_until_blocked(url, 2)  # behind the recording's hold of the counter
+            holder.rollback()
+            recording.join(30)
+            purging.join(30)
+        assert outcome["recorded"].call_index == 2
+        held = {index for _, state, index, _ in call_rows(url) if state == "s"}
+        runs = _purges(url)
+        in_runs = {i for _, first, last, _, _ in runs for i in range(first, last + 1)}
+        assert not held & in_runs  # the call at 2 is either purged with its run or stays whole
+        assert len(held) + sum(calls for *_, calls, _ in runs) == 4
+        with CallRecorder(url) as recorder:
+            report = recorder.verify()
+        assert report.gaps == [] and report.duplicates == []
+
+
+def _deadlocks(url: str) -> int:
+    (row,) = _rows(url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    return int(row[0])
+
+
+def test_dropping_a_month_never_deadlocks_with_a_writer_of_its_states(
+    postgresql_url: str,
+) -> None:
+    """The drop is caught holding its locks (recording its run waits) while a
+    writer of the same state arrives: the writer waits for calls, not for the
+    counter with calls in hand, so the drop finishes and then the writer."""
+    from test_partitions import _partition, _record_long_ago
+
+    url = postgresql_url
+    _record_long_ago(url, "old-1", 5)
+    _partition(url)
+    deadlocks = _deadlocks(url)
+    outcome: dict[str, Any] = {}
+    with CallRecorder(url) as owner, owner.engine.connect() as holder:
+        holder.execute(
+            text(
+                "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
+                "purged_before, purged_by) VALUES ('old-1', 0, 4, 5, now(), 'holder')"
+            )
+        )
+
+        def purge() -> None:
+            with CallRecorder(url) as purger:
+                outcome["purged"] = purger.purge(30 * 86400)
+
+        def record() -> None:
+            with CallRecorder(url) as recorder:
+                outcome["recorded"] = recorder.record_call("old-1", "http", "success", {})
+
+        purging = threading.Thread(target=purge)
+        purging.start()
+        _wait_until_blocked(url, 1)
+        recording = threading.Thread(target=record)
+        recording.start()
+        _wait_until_blocked(url, 2)
+        holder.rollback()
+        purging.join(30)
+        recording.join(30)
+    assert [(run.first_index, run.last_index, run.calls) for run in outcome["purged"]] == [
+        (0, 4, 5)
+    ]
+    assert outcome["recorded"].call_index == 5
+    time.sleep(0.5)  # the sessions' statistics reach pg_stat_database as they end
+    assert _deadlocks(url) == deadlocks
+
+
+def test_verify_reads_one_snapshot_while_states_are_purged(db_url: str) -> None:
+    """verify runs while a purger records and purges state after state: every
+    report explains each purged run (none half-seen as a gap)."""
+    stop = threading.Event()
+    done: list[int] = []
+
+    def record_and_purge() -> None:
+        with CallRecorder(db_url, auto_open=True) as recorder:
+            n = 0
+            while not stop.is_set():
+                for _ in range(4):
+                    recorder.record_call(f"s{n:04d}", "http", "success", {})
+                recorder.purge(0, state_prefix=f"s{n:04d}")
+                done.append(n)
+                n += 1
+
+    purging = threading.Thread(target=record_and_purge)
+    purging.start()
+    reports = []
+    try:
+        with CallRecorder(db_url) as checker:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                reports.append(checker.verify())
+    finally:
+        stop.set()
+        purging.join()
+    assert len(done) > 20 and len(reports) > 20
+    unexplained = [
+        (r.gaps, r.unused_reservations) for r in reports if r.gaps or r.unused_reservations
+    ]
+    assert unexplained == []

@@ -318,6 +318,7 @@ class PostgreSQLBackend(Backend):
                 "insert_call",
                 "insert_call_opening",
                 "insert_call_at",
+                *INSERT_AT_LOCKS,
                 "record_released",
                 "finish_call",
                 "find_call_index",
@@ -379,6 +380,19 @@ class PostgreSQLBackend(Backend):
                 sql, [parameters[key] for key in order], prepare=True
             ).fetchall()
             return rows
+        finally:
+            self.pool.release(conn)
+
+    def _write_at(self, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """``insert_call_at`` in a transaction that first holds the state's
+        counter (raw driver errors)."""
+        parameters["synchronous_commit"] = "on"
+        conn = self.pool.acquire()
+        try:
+            with conn.transaction():
+                for name in INSERT_AT_LOCKS:
+                    self._execute(conn, name, parameters)
+                return self._execute(conn, "insert_call_at", parameters).fetchall()
         finally:
             self.pool.release(conn)
 
@@ -466,7 +480,7 @@ class PostgreSQLBackend(Backend):
     def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
         with self.translated():
             try:
-                rows = self._write("insert_call_at", dict(parameters))
+                rows = self._write_at(dict(parameters))
             except psycopg.errors.UniqueViolation:
                 if self._recorded(parameters["call_id"]):
                     raise CallIdTaken from None
@@ -482,6 +496,10 @@ class PostgreSQLBackend(Backend):
         with self.translated(), self.pool.connection() as conn:
             cursor = self._execute(conn, "finish_call", {**parameters, "synchronous_commit": "on"})
             return named(cursor.description, cursor.fetchone())
+
+
+# Taken in this order before insert_call_at, as sealing and purging take them.
+INSERT_AT_LOCKS: Final = ("lock_calls", "lock_counter_shared")
 
 
 def inserted_any(rows: list[tuple[Any, ...]]) -> bool:

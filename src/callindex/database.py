@@ -283,11 +283,17 @@ class Database:
         return self.retry.call(attempt)
 
     def read(self, work: Callable[[Statements], T]) -> T:
-        """Run ``work`` in a transaction that is rolled back afterwards (retried)."""
+        """Run ``work`` in a read-only transaction that is rolled back afterwards
+        (retried). All its statements read one snapshot (on SQLite, the read
+        transaction's; on PostgreSQL, REPEATABLE READ), so a check never sees a
+        write half-way: a purge, a seal, a call landing."""
+        options: dict[str, Any] = {_READ_ONLY: True}
+        if self.name == "postgresql":
+            options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
 
         def attempt() -> T:
             with self.translated_errors(), self.engine.connect() as conn:
-                reader = conn.execution_options(**{_READ_ONLY: True})
+                reader = conn.execution_options(**options)
                 return work(Statements(self, reader))
 
         return self.retry.call(attempt)

@@ -312,8 +312,12 @@ def month_runs(statements: Statements, partition: str) -> list[dict[str, Any]] |
     """The runs of indices (``state_id``, ``first_index``, ``last_index``,
     ``calls``, ``sealed``) that dropping month partition ``partition`` would
     purge, with the counters of their states locked; ``None`` when a call in
-    it must stay (pending, of no state, or unsealed in a sealed state)."""
-    statements.rows("purge_snapshot")
+    it must stay (pending, of no state, or unsealed in a sealed state).
+
+    Locks calls whole first (dropping the partition would), then the
+    counters, in the order every writer takes them: no call lands, finishes
+    or is sealed meanwhile."""
+    _execute(statements, "LOCK TABLE calls IN ACCESS EXCLUSIVE MODE")
     _rows(statements, _LOCK_COUNTERS, partition)
     (blockers,) = _rows(statements, _DROPPABLE, partition)
     if any(blockers.values()):

@@ -170,9 +170,10 @@ def _purger(statements: Statements) -> str:
 def _purge_state(
     statements: Statements, *, state_id: str, before: Any, purged_by: str
 ) -> list[Purge]:
-    statements.rows("purge_snapshot")
+    statements.rows("lock_calls")
     statements.rows("lock_counter", {"state_id": state_id})
-    # Read under the counter's lock, which sealing takes too.
+    # Read under the counter's lock, which sealing and record_call(call_index=k)
+    # take too: each statement sees what they committed before it.
     seals_of_state = statements.rows("seals_of_state", {"state_id": state_id})
     sealed = bool(seals_of_state)
     through = int(seals_of_state[-1]["last_index"]) if sealed else _UNSEALED
@@ -185,10 +186,14 @@ def _purge_state(
         return []
     recorded = _record(statements, runs, before, purged_by)
     statements.rows("begin_purge")
-    deleted = statements.count("delete_purged", where)
+    for run in recorded:
+        bounds = {"first_index": run.first_index, "last_index": run.last_index}
+        deleted = statements.count("delete_run", {"state_id": state_id, "before": before, **bounds})
+        if deleted != run.calls:
+            raise AssertionError(
+                f"purge of {state_id!r} {bounds} deleted {deleted} calls, not {run.calls}"
+            )
     statements.rows("end_purge")
-    if deleted != sum(run.calls for run in recorded):
-        raise AssertionError(f"purge of {state_id!r} deleted {deleted} calls, not its runs'")
     return recorded
 
 
@@ -200,13 +205,27 @@ def _heads(
 ) -> list[str | None]:
     """The seal chain's head after each run (all below the state's last seal)."""
     ends = {int(run["last_index"]) for run in runs}
+    after = _sealed_before(statements, state_id, min(int(run["first_index"]) for run in runs))
     found: dict[int, str] = {}
-    for step in seals.walk(statements, state_id):
+    for step in seals.walk(statements, state_id, after=after):
         if step.index in ends:
             found[step.index] = step.head
             if len(found) == len(ends):
                 break
     return [found[int(run["last_index"])] for run in runs]
+
+
+def _sealed_before(statements: Statements, state_id: str, index: int) -> seals.Link | None:
+    """The chain at the state's last seal below ``index`` (the walk to the runs
+    starts there, not at the genesis); ``None`` when there is none. A seal
+    inside a purged range is passed over: the chain resumes at its end."""
+    purged = statements.rows("purges_of_state", {"state_id": state_id})
+    for row in reversed(statements.rows("seals_of_state", {"state_id": state_id})):
+        last = int(row["last_index"])
+        inside = any(int(p["first_index"]) <= last < int(p["last_index"]) for p in purged)
+        if last < index and not inside:
+            return seals.Link(index=last, head=str(row["head"]), calls=int(row["calls"]))
+    return None
 
 
 def of_database(statements: Statements) -> list[Purge]:

@@ -237,6 +237,7 @@ def _store(statements: Statements, chained: _Chained) -> Seal | None:
     """Write the seal unless the state changed under the chain: another seal
     since, or a call recorded into a reserved index below the sealed one."""
     state_id, new = chained.state_id, chained.seal
+    statements.rows("lock_calls")
     statements.rows("lock_counter", {"state_id": state_id})
     latest = statements.rows("seals_of_state", {"state_id": state_id})
     if (int(latest[-1]["last_index"]) if latest else -1) != chained.after_index:
