@@ -404,7 +404,10 @@ class TestRacesWithRecordingAtAnIndex:
             recorder.record_call("s", "http", "success", {"n": 3})
         return postgresql_url
 
-    def test_an_index_purged_while_recording_waits_is_refused(self, reserved: str) -> None:
+    @pytest.mark.parametrize("api", ["sync", "async"])
+    def test_an_index_purged_while_recording_waits_is_refused(
+        self, reserved: str, api: str
+    ) -> None:
         url = reserved
         with CallRecorder(url) as owner, owner.engine.connect() as holder:
             # The purge will wait to record its run (same key) holding the counter.
@@ -420,14 +423,23 @@ class TestRacesWithRecordingAtAnIndex:
                 with CallRecorder(url) as purger:
                     outcome["purged"] = purger.purge(0)
 
+            async def record_at_two_async() -> Any:
+                async with AsyncCallRecorder(url) as recorder:
+                    return await recorder.record_call(
+                        "s", "http", "success", {"n": 2}, call_index=2
+                    )
+
             def record_at_two() -> None:
-                with CallRecorder(url) as recorder:
-                    try:
-                        outcome["recorded"] = recorder.record_call(
-                            "s", "http", "success", {"n": 2}, call_index=2
-                        )
-                    except IndexTakenError as error:
-                        outcome["refused"] = error
+                try:
+                    if api == "async":
+                        outcome["recorded"] = asyncio.run(record_at_two_async())
+                    else:
+                        with CallRecorder(url) as recorder:
+                            outcome["recorded"] = recorder.record_call(
+                                "s", "http", "success", {"n": 2}, call_index=2
+                            )
+                except IndexTakenError as error:
+                    outcome["refused"] = error
 
             purging = threading.Thread(target=purge)
             purging.start()
