@@ -4,19 +4,23 @@ partition``). The write path, its guarantees and the roles work as before;
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import Engine, make_url, text
 
 from callindex import (
     CallIdConflictError,
     CallRecorder,
+    CallRefusedError,
     ConfigurationError,
     ImmutableCallError,
     IndexTakenError,
+    PermissionDeniedError,
     adoption,
     migrations,
     partitions,
@@ -24,7 +28,15 @@ from callindex import (
 from callindex.cli import cli
 from callindex.database import Database
 
-from conftest import as_role, assert_trail_sound, call_rows, counter_value
+from conftest import (
+    PG_URL,
+    as_role,
+    assert_trail_sound,
+    call_rows,
+    counter_value,
+    create_database,
+    drop_database,
+)
 from legacy import create_legacy_database
 from workers import record_many, run_workers
 
@@ -270,4 +282,286 @@ class TestAdoptionAndUpgrades:
         with CallRecorder(partitioned) as recorder:
             assert recorder.record_call("old-2", "http", "success", {}).call_index == 3
             assert recorder.purge(30 * 86400)
+            assert recorder.verify().ok
+
+
+# What the conversion keeps of calls, and what it refuses, when the role that
+# runs it is not the one that owns calls.
+
+
+@pytest.fixture
+def new_role(pg_admin: Engine) -> Iterator[Callable[..., str]]:
+    """Makes login roles of unique names (``CREATE ROLE name LOGIN options``),
+    dropped when the test is over (after the databases they own objects in)."""
+    made: list[str] = []
+
+    def make(options: str = "") -> str:
+        role = f"callindex_test_{uuid.uuid4().hex[:12]}"
+        with pg_admin.connect() as conn:
+            conn.execute(text(f"CREATE ROLE {role} LOGIN {options}"))
+        made.append(role)
+        return role
+
+    yield make
+    with pg_admin.connect() as conn:
+        for role in reversed(made):
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+
+
+@pytest.fixture
+def owned(pg_admin: Engine, new_role: Callable[..., str]) -> Iterator[str]:
+    """A database of its own, migrated by a login role of its own that is no
+    superuser (the owner of callindex's tables, as a deployment's owner is),
+    with calls two months old in state old-1 and one of this month; its URL
+    as that owner."""
+    owner = new_role()
+    database = create_database(pg_admin)
+    try:
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" OWNER TO {owner}'))
+        url = make_url(PG_URL).set(database=database, username=owner)
+        owner_url = url.render_as_string(hide_password=False)
+        with CallRecorder(owner_url) as recorder:
+            recorder.upgrade()
+        _record_long_ago(owner_url, "old-1", 3)
+        with CallRecorder(owner_url) as recorder:
+            recorder.record_call("old-1", "http", "success", {"new": True})
+        yield owner_url
+    finally:
+        drop_database(pg_admin, database)
+
+
+def _owner(url: str) -> str:
+    owner = make_url(url).username
+    assert owner is not None
+    return owner
+
+
+def _superuser(url: str) -> str:
+    return as_role(url, _owner(PG_URL))
+
+
+def _rows(url: str, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    def run(statements: Any) -> list[tuple[Any, ...]]:
+        result = statements.connection.execute(text(sql), parameters or {})
+        return [tuple(row) for row in result] if result.returns_rows else []
+
+    db = Database(url)
+    try:
+        return db.run(run)
+    finally:
+        db.dispose()
+
+
+def _execute(url: str, *sql: str) -> None:
+    for statement in sql:
+        _rows(url, statement)
+
+
+def _is_partitioned(url: str) -> bool:
+    return _rows(url, "SELECT count(*) FROM pg_partitioned_table "
+                      "WHERE partrelid = 'calls'::regclass") == [(1,)]  # fmt: skip
+
+
+_OWNERS = """
+SELECT relname, pg_get_userbyid(relowner) FROM pg_class
+WHERE oid = 'calls'::regclass OR relname = 'call_keys'
+   OR oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'calls'::regclass)
+"""
+_TRIGGERS = (
+    "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger "
+    "WHERE tgrelid = 'calls'::regclass AND NOT tgisinternal"
+)
+_PARTITIONS = """
+SELECT part.relreplident, part.reloptions, toast.reloptions
+FROM pg_inherits
+JOIN pg_class AS part ON part.oid = pg_inherits.inhrelid
+LEFT JOIN pg_class AS toast ON toast.oid = part.reltoastrelid
+WHERE pg_inherits.inhparent = 'calls'::regclass
+"""
+
+
+def _kept(url: str) -> dict[str, Any]:
+    """What calls has besides its columns, indexes, triggers and grants."""
+    return {
+        "table": _rows(
+            url,
+            "SELECT relrowsecurity, relforcerowsecurity, relreplident, "
+            "obj_description(oid, 'pg_class') FROM pg_class WHERE oid = 'calls'::regclass",
+        ),
+        "policies": sorted(
+            _rows(
+                url,
+                "SELECT policyname, permissive, roles, cmd, qual, with_check FROM pg_policies "
+                "WHERE tablename = 'calls'",
+            )
+        ),
+        "published": _rows(
+            url,
+            "SELECT pubname, attnames, rowfilter FROM pg_publication_tables "
+            "WHERE tablename = 'calls'",
+        ),
+    }
+
+
+class TestWhatTheConversionKeeps:
+    def test_the_owner_of_calls_owns_what_replaces_it(
+        self, owned: str, new_role: Callable[..., str]
+    ) -> None:
+        """Partitioned by a member of the owner's role, not by the owner: the
+        new tables and functions are the owner's, and the triggers that skip
+        the owner's inserts still name it."""
+        owner = _owner(owned)
+        member = as_role(owned, new_role(f"IN ROLE {owner}"))
+        triggers = dict(_rows(owned, _TRIGGERS))
+        assert f"CURRENT_USER <> '{owner}'::name" in triggers["callindex_vouch_index"]
+        assert _partition(member, 1)
+        assert _partition(member, 5)  # later partitions too
+        tables = dict(_rows(owned, _OWNERS))
+        # calls, call_keys, two months ago, this month and 5 ahead, the default
+        assert len(tables) == 2 + 1 + 6 + 1 and set(tables.values()) == {owner}, tables
+        functions = dict(_rows(owned, "SELECT proname, pg_get_userbyid(proowner) FROM pg_proc "
+                                      "WHERE proname LIKE 'callindex%'"))  # fmt: skip
+        assert "callindex_record_call_keys" in functions
+        assert set(functions.values()) == {owner}, functions
+        assert triggers.items() <= dict(_rows(owned, _TRIGGERS)).items()
+        with CallRecorder(owned) as recorder:
+            assert recorder.record_call("old-1", "http", "success", {}).call_index == 4
+            begun = recorder.begin_call("old-1", "llm", {})
+            recorder.finish_call(begun.call_id, "success", {})
+            assert recorder.seal("old-1") and recorder.verify(seals=True).ok
+
+    def test_a_role_that_is_not_a_member_of_the_owner_is_refused(
+        self, owned: str, new_role: Callable[..., str]
+    ) -> None:
+        stranger = new_role()
+        _execute(
+            owned,
+            f"GRANT SELECT ON calls, callindex_alembic_version, callindex_schema_interfaces "
+            f"TO {stranger}",
+        )
+        with pytest.raises(PermissionDeniedError, match=f"owner of calls.*{_owner(owned)}"):
+            _partition(as_role(owned, stranger))
+        assert not _is_partitioned(owned)
+
+    def test_row_security_replica_identity_publications_storage_and_comment(
+        self, owned: str, new_role: Callable[..., str]
+    ) -> None:
+        owner = _owner(owned)
+        with CallRecorder(owned, auto_open=True) as recorder:
+            recorder.record_call("hidden", "http", "success", {})
+        _execute(
+            owned,
+            "ALTER TABLE calls ENABLE ROW LEVEL SECURITY",
+            # The owner itself sees no hidden call: a copy that went through
+            # the policies would lose them.
+            "ALTER TABLE calls FORCE ROW LEVEL SECURITY",
+            "CREATE POLICY callindex_test_visible ON calls USING (state_id <> 'hidden')",
+            "CREATE POLICY callindex_test_allowed ON calls AS RESTRICTIVE FOR INSERT "
+            f"TO PUBLIC, {owner} WITH CHECK (call_type <> 'forbidden')",
+            "ALTER TABLE calls REPLICA IDENTITY FULL",
+            "ALTER TABLE calls SET (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.02, "
+            "toast.autovacuum_enabled = false)",
+            "COMMENT ON TABLE calls IS 'the audit trail, by month'",
+            "CREATE PUBLICATION callindex_test_trail FOR TABLE calls WHERE (status <> 'pending')",
+        )
+        kept, everything = _kept(owned), _rows(_superuser(owned), "SELECT count(*) FROM calls")
+        assert everything == [(5,)] and kept["policies"] and kept["published"]
+        member = as_role(owned, new_role(f"IN ROLE {owner}"))
+        _partition(member, 1)
+        assert _kept(owned) == kept
+        assert _rows(_superuser(owned), "SELECT count(*) FROM calls") == everything
+        assert _rows(
+            owned, "SELECT pubviaroot FROM pg_publication WHERE pubname = 'callindex_test_trail'"
+        ) == [(True,)]
+        _partition(member, 4)
+        shapes = {
+            (identity, frozenset(options), frozenset(toast))
+            for identity, options, toast in _rows(owned, _PARTITIONS)
+        }
+        storage = frozenset({"fillfactor=90", "autovacuum_vacuum_scale_factor=0.02"})
+        assert shapes == {("f", storage, frozenset({"autovacuum_enabled=false"}))}
+        with CallRecorder(owned) as recorder:
+            begun = recorder.begin_call("old-1", "llm", {})
+            recorder.finish_call(begun.call_id, "success", {})  # an UPDATE, published
+            with pytest.raises(PermissionDeniedError, match="row-level security"):
+                recorder.record_call("old-1", "forbidden", "success", {})
+            assert [c.state_id for c in recorder.calls("hidden")] == []
+
+    @pytest.mark.parametrize(
+        ("setup", "refusal"),
+        [
+            (
+                ["ALTER TABLE calls REPLICA IDENTITY USING INDEX pk_calls"],
+                "replica identity of calls is its index pk_calls",
+            ),
+            (
+                ["CREATE PUBLICATION callindex_test_trail FOR TABLE calls"],
+                "replica identity.*primary key.*callindex_test_trail",
+            ),
+            (
+                [
+                    "CREATE TABLE callindex_test_other (at timestamptz) PARTITION BY RANGE (at)",
+                    "CREATE TABLE callindex_test_other_rest PARTITION OF callindex_test_other "
+                    "DEFAULT",
+                    "ALTER TABLE calls REPLICA IDENTITY FULL",
+                    "CREATE PUBLICATION callindex_test_trail FOR TABLE calls, callindex_test_other",
+                ],
+                "callindex_test_trail.*publish_via_partition_root",
+            ),
+        ],
+        ids=["replica-identity-index", "published-by-primary-key", "partitions-published"],
+    )
+    def test_what_it_cannot_keep_is_refused(
+        self, owned: str, setup: list[str], refusal: str
+    ) -> None:
+        _execute(owned, *setup)
+        with pytest.raises(ConfigurationError, match=refusal):
+            _partition(owned)
+        assert not _is_partitioned(owned)
+        assert _rows(owned, "SELECT count(*) FROM pg_publication WHERE pubviaroot") == [(0,)]
+
+    def test_a_publication_of_inserts_needs_no_replica_identity(self, owned: str) -> None:
+        _execute(
+            owned, "CREATE PUBLICATION callindex_test_trail FOR TABLE calls WITH (publish = insert)"
+        )
+        published = _kept(owned)["published"]
+        _partition(owned)
+        assert _kept(owned)["published"] == published
+        assert _rows(owned, "SELECT pubinsert, pubupdate, pubviaroot FROM pg_publication") == [
+            (True, False, True)
+        ]
+
+
+class TestTheVouchTriggerOnAPartitionedTable:
+    def test_a_writer_cannot_date_a_call_into_another_month(
+        self, owned: str, new_role: Callable[..., str]
+    ) -> None:
+        """The database dates a writer's call (callindex_vouch_index): one the
+        writer dates in another month would have to move to another
+        partition, which PostgreSQL cannot do in a BEFORE trigger. It is
+        refused, with a callindex error that says so, and not written."""
+        writer = new_role()
+        _execute(owned, f"GRANT SELECT, INSERT ON calls TO {writer}")
+        _partition(owned)
+        # As if partitioned before the guard was: the next partition adds it.
+        _execute(owned, f"DROP TRIGGER {partitions.MONTH_GUARD} ON calls")
+        assert _partition(owned) == []
+        with CallRecorder(owned) as recorder:
+            first = recorder.allocate_call_index("old-1", 3)
+        insert = (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status, created_at) "
+            "VALUES (:id, 'old-1', :index, 'http', 'success', :at)"
+        )
+        past = datetime(2001, 1, 1, tzinfo=UTC)  # the default partition
+        for n, at in enumerate([LONG_AGO, past, None]):
+            values = {"id": f"dated-{n}", "index": first + n, "at": at}
+            with pytest.raises(CallRefusedError, match=r"created_at.*another month"):
+                _rows(as_role(owned, writer), insert, values)
+        ids = "SELECT call_id FROM calls WHERE call_id LIKE 'dated-%'"
+        assert _rows(owned, ids) == []
+        undated = insert.replace(", created_at)", ")").replace(", :at)", ")")
+        _rows(as_role(owned, writer), undated, {"id": "dated-now", "index": first})
+        assert _rows(owned, ids) == [("dated-now",)]
+        with CallRecorder(owned) as recorder:
             assert recorder.verify().ok

@@ -12,29 +12,46 @@ when its call is purged, so a purged ``call_id`` or index is never taken
 again.
 
 The conversion runs in one transaction under an exclusive lock of ``calls``
-(writers wait; it copies the table, so partition a new or small trail). It
-keeps the columns, defaults, checks, indexes, foreign keys, triggers and
-privileges of ``calls``. A table that another table references by a foreign
-key cannot be partitioned. Partitions are made for every month that has calls
-and ``months_ahead`` months ahead; a default partition takes anything else.
-:func:`partition` is idempotent: run it again (or ``purge``, which does) to
-make the months ahead.
+(writers wait; it copies the table, so partition a new or small trail). Only
+the owner of ``calls`` and the members of its role may run it, and the owner
+owns every table and function it makes. It keeps the columns, defaults,
+checks, indexes, foreign keys, triggers, privileges, comment, row level
+security and its policies, replica identity and publications of ``calls``
+(publications then publish it as itself, ``publish_via_partition_root``), and
+gives each partition its storage parameters. It refuses a ``calls`` that
+another table references by a foreign key, a replica identity it cannot keep
+(a unique index, which moves to ``call_keys``) and a publication that
+publishes partitions as themselves. Partitions are made for every month that
+has calls and ``months_ahead`` months ahead, like the default partition (its
+owner, storage parameters and replica identity); the default partition takes
+anything else. :func:`partition` is idempotent: run it again (or ``purge``,
+which does) to make the months ahead.
+
+The database dates a call inserted by a role other than the owner
+(``callindex_vouch_index``), and PostgreSQL cannot move a row to another
+partition in a BEFORE trigger: such an insert dated in another month is
+refused by ``callindex_guard_calls_month`` (``CallRefusedError``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, date, datetime
 from typing import Any, Final
 
+from sqlalchemy import text
+
 from callindex import migrations
 from callindex.database import Database, Statements
-from callindex.errors import ConfigurationError, InvalidInputError
+from callindex.errors import ConfigurationError, InvalidInputError, PermissionDeniedError
 
 DEFAULT_MONTHS_AHEAD: Final = 3
 DEFAULT_PARTITION: Final = "calls_p_default"
 KEYS_TABLE: Final = "call_keys"
+MONTH_GUARD: Final = "callindex_guard_calls_month"
 _STAGING: Final = "callindex_calls_partitioned"
+_VOUCH: Final = "callindex_vouch_index"
 
 
 def partition_name(month: date) -> str:
@@ -63,9 +80,11 @@ def partition(db: Database, months_ahead: int = DEFAULT_MONTHS_AHEAD) -> list[st
     def convert(statements: Statements) -> list[str]:
         db.backend.lock_for_upgrade(statements.connection)
         db.backend.bound_lock_waits(statements.connection, db.retry.attempt_seconds)
+        _owner(statements)
         created: list[str] = []
         if not is_partitioned(statements):
             created += _convert(statements)
+        _guard_months(statements)
         created += _months_ahead(statements, months_ahead)
         return created
 
@@ -91,6 +110,158 @@ def _execute(statements: Statements, sql: str) -> None:
     statements.connection.exec_driver_sql(sql.replace("%", "%%"))
 
 
+def _query(
+    statements: Statements, sql: str, parameters: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    result = statements.connection.execute(text(sql), parameters or {})
+    return [dict(row._mapping) for row in result]
+
+
+_OWNER: Final = """
+SELECT quote_ident(pg_get_userbyid(relowner)) AS owner,
+       pg_has_role(current_user, relowner, 'USAGE') AS member,
+       quote_ident(current_user) AS runner
+FROM pg_class
+WHERE oid = CAST('calls' AS regclass)
+"""
+
+
+def _owner(statements: Statements) -> str:
+    """The owner of ``calls`` (quoted), who owns what partitioning makes; only
+    it and the members of its role may partition."""
+    (row,) = _query(statements, _OWNER)
+    if not row["member"]:
+        raise PermissionDeniedError(
+            f"only the owner of calls ({row['owner']}) and the members of its role may "
+            f"partition it, and {row['runner']} is neither"
+        )
+    return str(row["owner"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What a partition takes from the table it stands for: its owner, its
+    storage parameters (a partitioned table holds none) and its replica
+    identity (``pg_class.relreplident``: d, n or f)."""
+
+    owner: str
+    options: str
+    identity: str
+
+    def give(self, statements: Statements, table: str) -> None:
+        changes = [f"OWNER TO {self.owner}"]
+        if self.options:
+            changes.append(f"SET ({self.options})")
+        if self.identity in _IDENTITIES:
+            changes.append(f"REPLICA IDENTITY {_IDENTITIES[self.identity]}")
+        _execute(statements, f"ALTER TABLE {table} {', '.join(changes)}")
+
+
+_IDENTITIES: Final = {"f": "FULL", "n": "NOTHING"}
+_SHAPE: Final = """
+SELECT template.relreplident AS identity,
+       coalesce((SELECT string_agg(option, ', ')
+                 FROM (SELECT quote_ident(option_name) || ' = ' || quote_literal(option_value)
+                       FROM pg_options_to_table(template.reloptions)
+                       UNION ALL
+                       SELECT 'toast.' || quote_ident(option_name) || ' = '
+                              || quote_literal(option_value)
+                       FROM pg_options_to_table(toast.reloptions)) AS options (option)),
+                '') AS options
+FROM pg_class AS template
+LEFT JOIN pg_class AS toast ON toast.oid = template.reltoastrelid
+WHERE template.oid = CAST(CAST(:template AS text) AS regclass)
+"""
+
+
+def _shape(statements: Statements, template: str) -> _Shape:
+    (row,) = _query(statements, _SHAPE, {"template": template})
+    return _Shape(_owner(statements), str(row["options"]), str(row["identity"]))
+
+
+_TABLE_OF_CALLS: Final = """
+SELECT calls.relrowsecurity AS row_security, calls.relforcerowsecurity AS forced,
+       calls.relreplident AS identity,
+       (SELECT index.relname FROM pg_index JOIN pg_class AS index ON index.oid = indexrelid
+        WHERE indrelid = calls.oid AND indisreplident) AS identity_index,
+       (SELECT index.relname FROM pg_index JOIN pg_class AS index ON index.oid = indexrelid
+        WHERE indrelid = calls.oid AND indisprimary) AS primary_key,
+       'COMMENT ON TABLE calls IS ' || quote_literal(obj_description(calls.oid, 'pg_class'))
+           AS comment
+FROM pg_class AS calls
+WHERE calls.oid = CAST('calls' AS regclass)
+"""
+_POLICIES_OF_CALLS: Final = """
+SELECT 'CREATE POLICY ' || quote_ident(polname) || ' ON calls AS '
+       || CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END
+       || ' FOR ' || CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
+                                 WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END
+       || ' TO ' || (SELECT string_agg(CASE WHEN role = 0 THEN 'PUBLIC'
+                                            ELSE quote_ident(pg_get_userbyid(role)) END, ', ')
+                     FROM unnest(polroles) AS role)
+       || coalesce(' USING (' || pg_get_expr(polqual, polrelid) || ')', '')
+       || coalesce(' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')', '')
+           AS definition
+FROM pg_policy
+WHERE polrelid = CAST('calls' AS regclass)
+ORDER BY polname
+"""
+# Each publication that publishes calls: listed, with its column list and
+# row filter, or as one of all tables or of its schema's.
+_PUBLICATIONS_OF_CALLS: Final = """
+SELECT quote_ident(publication.pubname) AS name, publication.pubviaroot AS via_root,
+       publication.pubupdate OR publication.pubdelete AS changes,
+       member.prrelid IS NOT NULL AS listed,
+       coalesce(' (' || (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum)
+                         FROM pg_attribute
+                         WHERE attrelid = member.prrelid
+                           AND attnum = ANY (CAST(member.prattrs AS int2[]))) || ')', '')
+       || coalesce(' WHERE (' || pg_get_expr(member.prqual, member.prrelid) || ')', '')
+           AS published,
+       EXISTS (SELECT 1
+               FROM pg_get_publication_tables(CAST(publication.pubname AS text)) AS published
+               JOIN pg_class ON pg_class.oid = published.relid
+               WHERE pg_class.relispartition) AS partitions
+FROM pg_publication AS publication
+LEFT JOIN pg_publication_rel AS member
+  ON member.prpubid = publication.oid AND member.prrelid = CAST('calls' AS regclass)
+WHERE EXISTS (SELECT 1
+              FROM pg_get_publication_tables(CAST(publication.pubname AS text)) AS published
+              WHERE published.relid = CAST('calls' AS regclass))
+ORDER BY publication.pubname
+"""
+_OWNER_OF_FUNCTION: Final = """
+SELECT quote_ident(pg_get_userbyid(proowner)) AS owner
+FROM pg_proc
+WHERE oid = CAST(CAST(:signature AS text) AS regprocedure)
+"""
+
+
+def _refuse_what_cannot_be_kept(table: dict[str, Any], publications: list[dict[str, Any]]) -> None:
+    if table["identity"] == "i":
+        raise ConfigurationError(
+            f"the replica identity of calls is its index {table['identity_index']}, which "
+            f"partitioning moves to {KEYS_TABLE} (a unique index of a partitioned table must "
+            "include created_at): set REPLICA IDENTITY FULL, DEFAULT or NOTHING on calls first"
+        )
+    changes = ", ".join(str(row["name"]) for row in publications if row["changes"])
+    if table["identity"] == "d" and table["primary_key"] is not None and changes:
+        raise ConfigurationError(
+            f"the replica identity of calls is its primary key {table['primary_key']}, which "
+            f"partitioning moves to {KEYS_TABLE}, and calls is published with its updates or "
+            f"deletes ({changes}), which need one: set REPLICA IDENTITY FULL on calls first "
+            "(every partition keeps it), or publish its inserts only"
+        )
+    for row in publications:
+        if not row["via_root"] and row["partitions"]:
+            raise ConfigurationError(
+                f"publication {row['name']} publishes partitions as themselves "
+                "(publish_via_partition_root is off), so it would publish the months of calls "
+                "instead of calls: set publish_via_partition_root = true on it first, or "
+                "publish calls in a publication of its own"
+            )
+
+
 def _convert(statements: Statements) -> list[str]:
     referencing = statements.rows("calls_referenced_by")
     if referencing:
@@ -99,6 +270,16 @@ def _convert(statements: Statements) -> list[str]:
             f"calls cannot be partitioned while foreign keys reference it ({names})"
         )
     _execute(statements, "LOCK TABLE calls IN ACCESS EXCLUSIVE MODE")
+    (table,) = _query(statements, _TABLE_OF_CALLS)
+    publications = _query(statements, _PUBLICATIONS_OF_CALLS)
+    _refuse_what_cannot_be_kept(table, publications)
+    # Forced policies bind the owner too: the copy must see every row (and
+    # with row_security off, fails rather than see fewer).
+    if table["forced"]:
+        _execute(statements, "ALTER TABLE calls NO FORCE ROW LEVEL SECURITY")
+    _execute(statements, "SET LOCAL row_security = off")
+    policies = [str(row["definition"]) for row in _query(statements, _POLICIES_OF_CALLS)]
+    shape = _shape(statements, "calls")
     indexes = statements.rows("indexes_of_calls")
     triggers = statements.rows("triggers_of_calls")
     foreign_keys = statements.rows("foreign_keys_of_calls")
@@ -115,25 +296,32 @@ def _convert(statements: Statements) -> list[str]:
         f"CREATE TABLE {_STAGING} (LIKE calls INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
         "INCLUDING STORAGE INCLUDING COMMENTS) PARTITION BY RANGE (created_at)",
     )
-    created = [_create_partition(statements, _STAGING, _month(month)) for month in months]
+    created = [_create_partition(statements, _STAGING, _month(month), shape) for month in months]
     _execute(statements, f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {_STAGING} DEFAULT")
+    shape.give(statements, DEFAULT_PARTITION)
     _guard_truncate(statements, DEFAULT_PARTITION)
     _execute(statements, f"INSERT INTO {_STAGING} SELECT * FROM calls")
     _execute(statements, f"CREATE TABLE {KEYS_TABLE} AS SELECT {columns} FROM calls")
+    _execute(statements, f"ALTER TABLE {KEYS_TABLE} OWNER TO {shape.owner}")
     # Functions that return a row of calls depend on its type: made again below.
     functions = statements.rows("functions_of_calls_type")
+    owners: dict[str, str] = {}
     for function in functions:
-        _execute(statements, f"DROP FUNCTION {function['signature']}")
+        signature = str(function["signature"])
+        (owner,) = _query(statements, _OWNER_OF_FUNCTION, {"signature": signature})
+        owners[signature] = str(owner["owner"])
+        _execute(statements, f"DROP FUNCTION {signature}")
     _execute(statements, "DROP TABLE calls")
     _execute(statements, f"ALTER TABLE {_STAGING} RENAME TO calls")
+    dataclasses.replace(shape, options="").give(statements, "calls")
     for index in indexes:
         definition = str(index["definition"])
         if index["is_unique"]:
             # Enforced on call_keys (in the schema of calls), under its name;
             # calls keeps a plain index of the same columns for lookups.
-            name, table = str(index["name"]), str(index["table_reference"])
-            keys = table.rpartition(".")[0] + f".{KEYS_TABLE}"
-            _execute(statements, definition.replace(f" ON {table} ", f" ON {keys} ", 1))
+            name, table_reference = str(index["name"]), str(index["table_reference"])
+            keys = table_reference.rpartition(".")[0] + f".{KEYS_TABLE}"
+            _execute(statements, definition.replace(f" ON {table_reference} ", f" ON {keys} ", 1))
             definition = definition.replace(
                 f"CREATE UNIQUE INDEX {name} ", f"CREATE INDEX {_lookup_name(name)} ", 1
             )
@@ -144,6 +332,7 @@ def _convert(statements: Statements) -> list[str]:
         )
     _execute(statements, _KEYS_FUNCTION.format(columns=columns, values=_new_values(key_columns)))
     _execute(statements, _PIN_KEYS_FUNCTION)
+    _execute(statements, f"ALTER FUNCTION callindex_record_call_keys() OWNER TO {shape.owner}")
     _execute(
         statements,
         "CREATE TRIGGER callindex_record_call_keys AFTER INSERT ON calls "
@@ -153,6 +342,8 @@ def _convert(statements: Statements) -> list[str]:
         _execute(statements, str(trigger["definition"]))
     for function in functions:
         _execute(statements, str(function["definition"]))
+        signature = str(function["signature"])
+        _execute(statements, f"ALTER FUNCTION {signature} OWNER TO {owners[signature]}")
         if function["grants"] is not None:  # else the default: PUBLIC may execute
             _execute(statements, f"REVOKE ALL ON FUNCTION {function['signature']} FROM PUBLIC")
             for grantee in function["grants"]:
@@ -166,6 +357,20 @@ def _convert(statements: Statements) -> list[str]:
             statements,
             f'GRANT {grant["privilege"]} ("{grant["column_name"]}") ON calls TO {grant["grantee"]}',
         )
+    if table["comment"] is not None:
+        _execute(statements, str(table["comment"]))
+    for policy in policies:
+        _execute(statements, policy)
+    if table["row_security"]:
+        _execute(statements, "ALTER TABLE calls ENABLE ROW LEVEL SECURITY")
+    if table["forced"]:
+        _execute(statements, "ALTER TABLE calls FORCE ROW LEVEL SECURITY")
+    for publication in publications:
+        alter = f"ALTER PUBLICATION {publication['name']}"
+        if not publication["via_root"]:
+            _execute(statements, f"{alter} SET (publish_via_partition_root = true)")
+        if publication["listed"]:
+            _execute(statements, f"{alter} ADD TABLE calls{publication['published']}")
     return created
 
 
@@ -198,6 +403,48 @@ END;
 $$
 """
 
+# callindex_vouch_index dates the call it lets in with now(), after the row
+# was routed to the partition of the date it was given.
+_MONTH_GUARD_FUNCTION: Final = f"""
+CREATE OR REPLACE FUNCTION {MONTH_GUARD}() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'callindex: call % is dated % (created_at), another month than now (%): '
+        'the database dates the calls of this role, and cannot move one to another month''s '
+        'partition of calls; leave created_at out', NEW.call_id, NEW.created_at, now()
+        USING ERRCODE = 'check_violation';
+END;
+$$
+"""
+_DATING_TRIGGERS: Final = f"""
+SELECT tgname AS name, pg_get_triggerdef(oid) AS definition
+FROM pg_trigger
+WHERE tgrelid = CAST('calls' AS regclass) AND tgname IN ('{_VOUCH}', '{MONTH_GUARD}')
+"""
+_WHEN: Final = re.compile(r" WHEN \((.*)\) EXECUTE (?:FUNCTION|PROCEDURE) ", re.DOTALL)
+
+
+def _guard_months(statements: Statements) -> None:
+    """Refuse, before the vouch trigger dates it, an insert that it would move
+    to another month (only where the vouch trigger applies)."""
+    triggers = {
+        str(row["name"]): str(row["definition"]) for row in _query(statements, _DATING_TRIGGERS)
+    }
+    if MONTH_GUARD in triggers or _VOUCH not in triggers:
+        return
+    vouched = _WHEN.search(triggers[_VOUCH])
+    _execute(statements, _MONTH_GUARD_FUNCTION)
+    _execute(statements, f"ALTER FUNCTION {MONTH_GUARD}() OWNER TO {_owner(statements)}")
+    _execute(
+        statements,
+        f"CREATE TRIGGER {MONTH_GUARD} BEFORE INSERT ON calls FOR EACH ROW "
+        f"WHEN ({vouched[1] if vouched else 'true'} "
+        "AND date_trunc('month', NEW.created_at AT TIME ZONE 'UTC') "
+        "IS DISTINCT FROM date_trunc('month', now() AT TIME ZONE 'UTC')) "
+        f"EXECUTE FUNCTION {MONTH_GUARD}()",
+    )
+
 
 def _month(value: Any) -> date:
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
@@ -205,7 +452,7 @@ def _month(value: Any) -> date:
     return date(moment.year, moment.month, 1)
 
 
-def _create_partition(statements: Statements, parent: str, month: date) -> str:
+def _create_partition(statements: Statements, parent: str, month: date, shape: _Shape) -> str:
     name = partition_name(month)
     low, high = month.isoformat(), _next_month(month).isoformat()
     _execute(
@@ -213,6 +460,7 @@ def _create_partition(statements: Statements, parent: str, month: date) -> str:
         f"CREATE TABLE {name} PARTITION OF {parent} "
         f"FOR VALUES FROM ('{low} 00:00:00+00') TO ('{high} 00:00:00+00')",
     )
+    shape.give(statements, name)
     _guard_truncate(statements, name)
     return name
 
@@ -231,6 +479,7 @@ def _months_ahead(statements: Statements, months_ahead: int) -> list[str]:
     existing = {str(row["name"]) for row in statements.rows("partitions_of_calls")}
     month = _month(datetime.now(UTC))
     created = []
+    shape: _Shape | None = None
     for _ in range(months_ahead + 1):
         name = partition_name(month)
         if name not in existing:
@@ -240,7 +489,8 @@ def _months_ahead(statements: Statements, months_ahead: int) -> list[str]:
                  "high": datetime(*_next_month(month).timetuple()[:3], tzinfo=UTC)},
             )  # fmt: skip
             if not taken[0]["rows"]:  # else the month stays in the default partition
-                created.append(_create_partition(statements, "calls", month))
+                shape = shape or _shape(statements, DEFAULT_PARTITION)
+                created.append(_create_partition(statements, "calls", month, shape))
         month = _next_month(month)
     return created
 
