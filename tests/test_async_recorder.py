@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import random
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 
 from callindex import (
     AsyncAuditedHTTPClient,
@@ -40,13 +41,15 @@ from callindex import (
 )
 from callindex.loopback import LoopbackAPI, Reply
 
-from conftest import assert_trail_sound, call_rows, counter_value
+from conftest import PG_URL, assert_trail_sound, call_rows, counter_value
 from workers import record_many_async, run_workers
 
 T = TypeVar("T")
 
 
-def run(url: str, scenario: Callable[[AsyncCallRecorder], Awaitable[T]], **options: Any) -> T:
+def run(
+    url: str | Engine, scenario: Callable[[AsyncCallRecorder], Awaitable[T]], **options: Any
+) -> T:
     """``scenario(recorder)`` on a new event loop, with a recorder closed afterwards."""
 
     async def main() -> T:
@@ -151,7 +154,7 @@ class TestTheSameMethodsAsTheSyncRecorder:
     def test_a_sync_client_refuses_an_async_recorder(self, db_url: str) -> None:
         async def scenario(recorder: AsyncCallRecorder) -> None:
             with pytest.raises(ConfigurationError, match="AsyncCallRecorder"):
-                AuditedHTTPClient(recorder, "s1")  # type: ignore[arg-type]
+                AuditedHTTPClient(recorder, "s1")
 
         run(db_url, scenario)
 
@@ -389,6 +392,64 @@ class TestTheAsyncClientsOnAnAsyncRecorder:
         assert api.stats["requests"] == 0
         assert call_rows(db_url) == []
 
+    @pytest.mark.parametrize("pause_in", ["begin_call", "finish_call"])
+    def test_a_task_cancelled_while_its_call_is_being_recorded(
+        self, db_url: str, api: LoopbackAPI, pause_in: str
+    ) -> None:
+        """``Task.cancel()`` (asyncio's own, not an anyio scope) lands while
+        ``begin_call`` has written its row but not returned, or while
+        ``finish_call`` is about to write: the recording ends all the same,
+        and the cancellation reaches the caller afterwards."""
+
+        async def main() -> None:
+            recorder = _PausingRecorder(db_url, pause_in=pause_in)
+            async with recorder:
+                await recorder.open_state("s1")
+                async with AsyncAuditedHTTPClient(
+                    recorder, "s1", base_url=api.url, retry=None
+                ) as http:
+                    task = asyncio.create_task(http.get("/items/1"))
+                    await recorder.pausing.wait()
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+
+        asyncio.run(main())
+        with CallRecorder(db_url) as sync:
+            (call,) = sync.calls("s1")
+        if pause_in == "begin_call":  # not sent, and finished as cancelled
+            assert api.stats["requests"] == 0
+            assert (call.status, call.error["type"]) == ("error", "cancelled")
+        else:  # the response came: finished with it
+            assert api.stats["requests"] == 1
+            assert (call.status, call.response["status_code"]) == ("success", 200)
+        assert len(call_rows(db_url)) == 1
+        assert_trail_sound(db_url, acknowledged([call]))
+
+
+class _PausingRecorder(AsyncCallRecorder):
+    """Pauses for a while in ``begin_call`` after its row is written, or in
+    ``finish_call`` before it writes (``pause_in``), and sets ``pausing``."""
+
+    def __init__(self, url: str, *, pause_in: str) -> None:
+        super().__init__(url)
+        self.pause_in = pause_in
+        self.pausing = asyncio.Event()
+
+    async def _pause(self, method: str) -> None:
+        if method == self.pause_in:
+            self.pausing.set()
+            await asyncio.sleep(0.5)
+
+    async def begin_call(self, *args: Any, **kwargs: Any) -> Any:
+        call = await super().begin_call(*args, **kwargs)
+        await self._pause("begin_call")
+        return call
+
+    async def finish_call(self, *args: Any, **kwargs: Any) -> Any:
+        await self._pause("finish_call")
+        return await super().finish_call(*args, **kwargs)
+
 
 def test_the_recorder_works_on_successive_event_loops(db_url: str) -> None:
     with CallRecorder(db_url) as sync:
@@ -429,6 +490,184 @@ def test_close_releases_every_connection(postgresql_url: str) -> None:
                 break
             time.sleep(0.05)
     assert row is not None and row[0] == 0
+
+
+def _connections(
+    database: str | None, name: str = "callindex", *, settled_at: int | None = None
+) -> int:
+    """The server's sessions of ``database`` with application name ``name``;
+    with ``settled_at``, once that many are left (or after 10 s: a closed
+    session takes a moment to leave ``pg_stat_activity``)."""
+    dsn = make_url(PG_URL).set(drivername="postgresql", database="postgres")
+    deadline = time.monotonic() + 10
+    with psycopg.connect(dsn.render_as_string(False), autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = %s",
+                (database, name),
+            ).fetchone()
+            assert row is not None
+            if settled_at is None or row[0] == settled_at or time.monotonic() > deadline:
+                return int(row[0])
+            time.sleep(0.05)
+
+
+def test_the_connections_of_an_event_loop_are_closed_with_it(postgresql_url: str) -> None:
+    """Each event loop gets connections of its own, closed when the loop shuts
+    down (``asyncio.run`` ends), else found closed by the next loop, else when
+    the recorder closes: used on loop after loop, the recorder keeps none of a
+    loop that is gone."""
+    database = make_url(postgresql_url).database
+    with CallRecorder(postgresql_url) as sync:
+        sync.open_state("s1")
+
+    async def busy(recorder: AsyncCallRecorder) -> int:
+        await asyncio.gather(
+            *(recorder.record_call("s1", "http", "success", {}) for _ in range(40))
+        )
+        return _connections(database)
+
+    def left(recorder: AsyncCallRecorder) -> int:
+        recorder.engine.dispose()  # the engine's own pool (it checked the schema) aside
+        return _connections(database, settled_at=0)
+
+    recorder = AsyncCallRecorder(postgresql_url)
+    unfinished = asyncio.new_event_loop()  # closed without shutting down: no hook runs
+    running = asyncio.new_event_loop()  # still open when the recorder closes
+    try:
+        for _ in range(3):
+            assert asyncio.run(busy(recorder)) >= 8
+            assert left(recorder) == 0
+        assert unfinished.run_until_complete(busy(recorder)) >= 8
+        unfinished.close()
+        assert _connections(database) >= 8
+        assert asyncio.run(busy(recorder)) >= 8
+        assert left(recorder) == 0
+        assert running.run_until_complete(busy(recorder)) >= 8
+    finally:
+        asyncio.run(recorder.close())
+        unfinished.close()
+        running.close()
+    assert _connections(database, settled_at=0) == 0
+    assert len(call_rows(postgresql_url)) == 6 * 40
+
+
+class TestAnEnginesConnectionArguments:
+    """On an ``Engine``, the async recorder's own connections are made with the
+    engine's connection arguments, as the sync recorder's are."""
+
+    @pytest.fixture
+    def elsewhere(self, postgresql_url: str) -> Iterator[Engine]:
+        """An engine whose ``connect_args`` put its sessions in schema
+        ``elsewhere`` (callindex's tables there too), under a name of their own."""
+        dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA elsewhere")
+        engine = create_engine(
+            postgresql_url,
+            connect_args={
+                "options": "-c search_path=elsewhere",
+                "application_name": "callindex-elsewhere",
+            },
+        )
+        try:
+            with CallRecorder(engine) as sync:
+                sync.upgrade()
+                sync.open_state("s1")
+            yield engine
+        finally:
+            engine.dispose()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("DROP SCHEMA elsewhere CASCADE")
+
+    def test_connect_args(self, postgresql_url: str, elsewhere: Engine) -> None:
+        database = make_url(postgresql_url).database
+
+        async def scenario(recorder: AsyncCallRecorder) -> list[Any]:
+            recorded = await recorder.record_call("s1", "http", "success", {}, call_id="c1")
+            begun = await recorder.begin_call("s1", "llm", {}, call_id="c2")
+            finished = await recorder.finish_call(begun.call_id, "success", {"text": "hi"})
+            assert [call.call_id for call in await recorder.calls("s1")] == ["c1", "c2"]
+            assert _connections(database, "callindex-elsewhere") >= 1
+            assert _connections(database) == 0  # none under the default name
+            return [recorded, finished]
+
+        calls = run(elsewhere, scenario)
+        assert [(call.call_index, call.status) for call in calls] == [
+            (0, "success"),
+            (1, "success"),
+        ]
+        dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn) as conn:
+            where = conn.execute(
+                "SELECT (SELECT count(*) FROM elsewhere.calls), (SELECT count(*) FROM public.calls)"
+            ).fetchone()
+        assert where == (2, 0)
+
+    def test_do_connect_listeners(self, postgresql_url: str, elsewhere: Engine) -> None:
+        """A ``do_connect`` listener (one that sets a token per connection, say)
+        changes the arguments of the async connections too."""
+        database = make_url(postgresql_url).database
+
+        @event.listens_for(elsewhere, "do_connect")
+        def per_connection(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+            cparams["application_name"] = "callindex-listened"
+
+        async def scenario(recorder: AsyncCallRecorder) -> int:
+            await recorder.record_call("s1", "http", "success", {})
+            return _connections(database, "callindex-listened")
+
+        assert run(elsewhere, scenario) >= 1
+
+    def test_an_engine_with_a_creator_of_its_own_is_refused(self, postgresql_url: str) -> None:
+        """A ``creator`` makes sync driver connections only: the async recorder
+        refuses the engine rather than connect some other way."""
+        dsn = make_url(postgresql_url).set(drivername="postgresql").render_as_string(False)
+        engine = create_engine(postgresql_url, creator=lambda: psycopg.connect(dsn))
+        try:
+            with pytest.raises(ConfigurationError, match="creator of its own"):
+                AsyncCallRecorder(engine)
+            with CallRecorder(engine) as sync:  # the sync recorder uses it
+                sync.open_state("s1")
+                assert sync.is_open("s1")
+        finally:
+            engine.dispose()
+
+
+def _record_in_the_child(recorder: AsyncCallRecorder) -> None:
+    async def main() -> None:
+        await recorder.record_call("s1", "http", "success", {}, call_id="child")
+        await recorder.close()
+
+    asyncio.run(main())
+
+
+def test_a_recorder_inherited_by_a_forked_child_records_there(db_url: str) -> None:
+    """Made and used in the parent, then used in a child forked meanwhile (on
+    SQLite, the child gets a worker thread of its own) and in the parent again."""
+    with CallRecorder(db_url) as sync:
+        sync.open_state("s1")
+    recorder = AsyncCallRecorder(db_url)
+    try:
+        parent = asyncio.run(recorder.record_call("s1", "http", "success", {}, call_id="parent"))
+        child = multiprocessing.get_context("fork").Process(
+            target=_record_in_the_child, args=(recorder,)
+        )
+        child.start()
+        child.join(60)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            pytest.fail("the child hung recording its call")
+        assert child.exitcode == 0
+        again = asyncio.run(recorder.record_call("s1", "http", "success", {}, call_id="again"))
+    finally:
+        asyncio.run(recorder.close())
+    rows = {(call_id, index) for call_id, _, index, _ in call_rows(db_url)}
+    assert rows == {("parent", 0), ("child", 1), ("again", 2)}
+    assert (parent.call_index, again.call_index) == (0, 2)
+    assert_trail_sound(db_url, {call_id: ("s1", index) for call_id, index in rows})
 
 
 def test_an_unreachable_database_is_retried_then_reported_without_its_password() -> None:

@@ -4,7 +4,11 @@
 :class:`~callindex.backends.PostgreSQLBackend` (one round trip per write, in
 autocommit, durable), on a small pool of ``psycopg.AsyncConnection`` per
 event loop. It shares the synchronous backend's settings, its adaptive early
-release and its error translation, so both paths behave alike.
+release and its error translation, so both paths behave alike, and connects
+with the engine's own arguments (its URL and ``connect_args``).
+
+A loop's connections are closed when the loop shuts down (``asyncio.run``
+ends), when a later loop finds that loop closed, or when the backend closes.
 
 A task cancelled while a statement runs has psycopg cancel it on the server
 and wait for the outcome: the statement either committed whole or not at all,
@@ -14,17 +18,20 @@ and the connection goes back to the pool clean.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import os
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
+from sqlalchemy import Engine
 
 from callindex.backends import (
     _INHERITED,
+    INSERT_AT_LOCKS,
     CallIdTaken,
     Inserted,
     PostgreSQLBackend,
@@ -33,16 +40,73 @@ from callindex.backends import (
     named,
 )
 from callindex.database import POSTGRESQL_CONNECT_TIMEOUT_SECONDS, Database
-from callindex.errors import ContentionError, UnknownStateError
+from callindex.errors import ConfigurationError, ContentionError, UnknownStateError
 from callindex.resources import positional_sql
+from callindex.urls import display_url
 
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[Any]
 _ALLOCATION: Final = {False: "allocate_call_index", True: "allocate_opening"}
 
 
+def connect_arguments(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments ``engine`` hands its driver: those
+    of its URL with its ``connect_args`` on top, as ``create_engine`` keeps
+    them in the creator it gives the pool.
+
+    Raises :class:`ConfigurationError` for an engine that connects through a
+    ``creator`` (or a pool) of its own: that makes sync connections only.
+    """
+    creator = engine.pool._creator
+    if (
+        getattr(creator, "__module__", None) != "sqlalchemy.engine.create"
+        or getattr(creator, "__qualname__", None) != "create_engine.<locals>.connect"
+    ):
+        raise ConfigurationError(
+            f"the engine for {display_url(engine.url)} connects through a creator "
+            f"of its own ({creator!r}), which AsyncCallRecorder cannot use for asyncio "
+            "connections: pass the URL, or an Engine made with connect_args instead"
+        )
+    captured = inspect.getclosurevars(creator).nonlocals
+    if "cargs_tup" not in captured or "cparams" not in captured:
+        raise ConfigurationError(
+            "cannot read the connection arguments of an Engine of this SQLAlchemy version: "
+            "pass the database URL to AsyncCallRecorder instead"
+        )
+    return list(captured["cargs_tup"]), dict(captured["cparams"])
+
+
+def _at_loop_shutdown(callback: Callable[[], None]) -> Callable[[], None]:
+    """Have the running event loop call ``callback`` when it shuts down its
+    async generators (``asyncio.run`` and ``asyncio.Runner`` do, just before
+    closing it). Returns a function that calls ``callback`` at once instead;
+    either way it is called once."""
+    ended = False
+
+    async def watch() -> AsyncGenerator[None]:
+        nonlocal ended
+        try:
+            yield
+        finally:
+            ended = True
+            callback()
+
+    watcher = watch()
+    # Started on the running loop, which keeps track of it from then on.
+    with contextlib.suppress(StopIteration):
+        watcher.asend(None).send(None)
+
+    def now() -> None:
+        if not ended:
+            with contextlib.suppress(StopIteration):
+                watcher.aclose().send(None)
+
+    return now
+
+
 class AsyncDriverPool:
-    """At most ``size`` async driver connections of one event loop, reused."""
+    """At most ``size`` async driver connections of the running event loop,
+    reused; closed with the loop. Make it on that loop."""
 
     def __init__(
         self, connect: Callable[[], Awaitable[Connection]], size: int, wait_seconds: float
@@ -50,15 +114,20 @@ class AsyncDriverPool:
         self._connect = connect
         self.size = size
         self.wait_seconds = wait_seconds
+        self.closed = False
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(size)
         self._pid = os.getpid()
+        self._stop_watching = _at_loop_shutdown(self.discard)
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    def _forget_if_forked(self) -> None:
         if self._pid != os.getpid():  # forked: the connections are the parent's
             _INHERITED.extend(self._idle)
             self._idle, self._pid = [], os.getpid()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        self._forget_if_forked()
         try:
             # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation.
             async with asyncio.timeout(self.wait_seconds):
@@ -79,15 +148,34 @@ class AsyncDriverPool:
 
     def _give_back(self, conn: Connection) -> None:
         idle = psycopg.pq.TransactionStatus.IDLE
-        if not (conn.closed or conn.broken) and conn.info.transaction_status == idle:
+        if not (self.closed or conn.closed or conn.broken) and conn.info.transaction_status == idle:
             self._idle.append(conn)
         else:
             conn.pgconn.finish()  # unknown state: never reused, closed without a round trip
 
+    def discard(self) -> None:
+        """Close the pool without a round trip, from any thread (its loop may be
+        gone); connections in use are closed when they are given back."""
+        if self.closed:
+            return
+        self.closed = True
+        self._forget_if_forked()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.pgconn.finish()
+        self._stop_watching()
+
     async def close(self) -> None:
+        """Close the pool (on its own loop); connections in use are closed when
+        they are given back."""
+        if self.closed:
+            return
+        self.closed = True
+        self._forget_if_forked()
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()
+        self._stop_watching()
 
 
 class AsyncPostgreSQLBackend:
@@ -98,20 +186,19 @@ class AsyncPostgreSQLBackend:
 
     def __init__(self, backend: PostgreSQLBackend) -> None:
         self.backend = backend
-        _args, kwargs = backend.engine.dialect.create_connect_args(backend.engine.url)
-        kwargs.setdefault("application_name", "callindex")
-        kwargs.setdefault("connect_timeout", POSTGRESQL_CONNECT_TIMEOUT_SECONDS)
-        self._connect_arguments = kwargs
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncDriverPool] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._cargs, self._cparams = connect_arguments(backend.engine)
+        self._pools: dict[asyncio.AbstractEventLoop, AsyncDriverPool] = {}
 
     @property
     def pool(self) -> AsyncDriverPool:
         """The running event loop's pool (connections never cross loops)."""
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
-        if pool is None:
+        if pool is None or pool.closed:
+            for other, stale in list(self._pools.items()):
+                if stale.closed or other.is_closed():
+                    stale.discard()
+                    self._pools.pop(other, None)
             pool = AsyncDriverPool(
                 self._connect, self.backend.pool.size, self.backend.attempt_seconds
             )
@@ -119,19 +206,37 @@ class AsyncPostgreSQLBackend:
         return pool
 
     async def close(self) -> None:
-        """Close the running loop's connections (other loops' are closed with them)."""
-        loop = asyncio.get_running_loop()
-        pool = self._pools.pop(loop, None)
-        if pool is not None:
-            await pool.close()
-        for other in list(self._pools.values()):
-            for conn in other._idle:
-                conn.pgconn.finish()
-        self._pools.clear()
+        """Close the connections of every event loop (the running one's cleanly)."""
+        pools, self._pools = self._pools, {}
+        running = asyncio.get_running_loop()
+        for loop, pool in pools.items():
+            if loop is running:
+                await pool.close()
+            else:
+                pool.discard()
+
+    def _arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """The engine's connection arguments, as its ``do_connect`` listeners
+        leave them (they may set a password or token per connection)."""
+        cargs, cparams = list(self._cargs), dict(self._cparams)
+        dialect = self.backend.engine.dialect
+        for listener in dialect.dispatch.do_connect:
+            made = listener(dialect, None, cargs, cparams)
+            if made is not None:
+                made.close()
+                raise ConfigurationError(
+                    "a do_connect listener of the engine makes the connections itself, "
+                    "which AsyncCallRecorder cannot use for asyncio connections"
+                )
+        cparams.setdefault("application_name", "callindex")
+        cparams.setdefault("connect_timeout", POSTGRESQL_CONNECT_TIMEOUT_SECONDS)
+        cparams["autocommit"] = True
+        return cargs, cparams
 
     async def _connect(self) -> Connection:
+        cargs, cparams = self._arguments()
         with self.backend.translated():
-            conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_arguments)
+            conn = await psycopg.AsyncConnection.connect(*cargs, **cparams)
             try:
                 await conn.execute(self.backend.session_settings)
             except BaseException:
@@ -150,6 +255,14 @@ class AsyncPostgreSQLBackend:
         parameters["synchronous_commit"] = "on"
         async with self.pool.connection() as conn:
             cursor = await self._execute(conn, name, parameters)
+            return await cursor.fetchall()
+
+    async def _write_at(self, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        parameters["synchronous_commit"] = "on"
+        async with self.pool.connection() as conn, conn.transaction():
+            for name in INSERT_AT_LOCKS:
+                await self._execute(conn, name, parameters)
+            cursor = await self._execute(conn, "insert_call_at", parameters)
             return await cursor.fetchall()
 
     async def rows(self, name: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -215,7 +328,7 @@ class AsyncPostgreSQLBackend:
     async def insert_call_at(self, parameters: Mapping[str, Any]) -> Inserted | None:
         with self.backend.translated():
             try:
-                rows = await self._write("insert_call_at", dict(parameters))
+                rows = await self._write_at(dict(parameters))
             except psycopg.errors.UniqueViolation:
                 if await self._recorded(parameters["call_id"]):
                     raise CallIdTaken from None

@@ -38,8 +38,9 @@ class AsyncCallRecorder:
     the same arguments, results, errors and guarantees.
 
     On PostgreSQL, allocation, recording and reads run on psycopg's asyncio
-    connections (at most 8 per event loop), never blocking the loop and
-    needing no thread. On SQLite, whose driver has no asyncio interface, every
+    connections (at most 8 per event loop, closed when the loop shuts down;
+    made with the URL and ``connect_args`` of the engine), never blocking the
+    loop and needing no thread. On SQLite, whose driver has no asyncio interface, every
     operation runs on one worker thread per database file (shared by the
     recorders of that file in the process; SQLite takes one writer at a
     time anyway). Maintenance (``upgrade``, ``verify``, ``seal``, ``sweep``,
@@ -70,8 +71,14 @@ class AsyncCallRecorder:
         db = Database(url_or_engine, retry=retry, early_release=early_release)
         self._db = db
         self._auto_open = auto_open
-        self._native = AsyncDatabase(db) if db.name == "postgresql" else None
+        try:
+            self._native = AsyncDatabase(db) if db.name == "postgresql" else None
+        except BaseException:
+            self._sync.close()
+            db.dispose()
+            raise
         self._worker = None if db.backend.sqlite_path is None else _worker(db.backend.sqlite_path)
+        self._worker_pid = os.getpid()
         self._schema_checked = False
 
     @property
@@ -265,16 +272,26 @@ class AsyncCallRecorder:
     async def _blocking(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Synchronous ``work`` off the event loop: on the SQLite file's worker
         thread, or (PostgreSQL maintenance) in a worker thread."""
-        if self._worker is None:
+        worker = self._sqlite_worker()
+        if worker is None:
             return await asyncio.to_thread(work, *args, **kwargs)
-        return await asyncio.wrap_future(self._worker.submit(work, *args, **kwargs))
+        return await asyncio.wrap_future(worker.submit(work, *args, **kwargs))
+
+    def _sqlite_worker(self) -> ThreadPoolExecutor | None:
+        """The SQLite file's worker thread in this process (``None`` on PostgreSQL)."""
+        path = self._db.backend.sqlite_path
+        if self._worker is not None and path is not None and self._worker_pid != os.getpid():
+            # Forked: the parent's worker thread did not come along.
+            self._worker, self._worker_pid = _worker(path), os.getpid()
+        return self._worker
 
     async def close(self) -> None:
         """Close this recorder's connections (and its share of the pooled ones)."""
         if self._native is not None:
             await self._native.backend.close()
         if self._worker is not None:
-            _release_worker(self._db.backend.sqlite_path)
+            if self._worker_pid == os.getpid():
+                _release_worker(self._db.backend.sqlite_path)
             self._worker = None
         self._sync.close()
         self._db.dispose()

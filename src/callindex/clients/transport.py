@@ -10,12 +10,13 @@ no external call goes unaudited.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, Final, Protocol
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, Final, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -31,6 +32,7 @@ from callindex.redaction import Redactor, check_header_values, redact_library_lo
 ATTEMPT_EXTENSION: Final = "callindex.attempt"
 OPERATION_EXTENSION: Final = "callindex.operation_id"
 DEFAULT_THREAD_LIMIT: Final = 8
+T = TypeVar("T")
 
 
 class Annotator(Protocol):
@@ -107,10 +109,9 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             self._inner = httpx.AsyncHTTPTransport()
         exchange = _Exchange(self, request)
         try:
-            # Shielded: a task cancelled meanwhile still learns its call, and
+            # To its end: a task cancelled meanwhile still learns its call, and
             # finishes it as cancelled below instead of leaving it pending.
-            with anyio.CancelScope(shield=True):
-                await self._begin(exchange)
+            await _to_its_end(self._begin(exchange))
             response = await self._inner.handle_async_request(request)
         except BaseException as error:  # cancellation too: finished as cancelled
             await self._finish(exchange.failure(error))
@@ -136,12 +137,43 @@ class AuditedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if arguments is None:
             return
         recorder = self.recorder
+        if isinstance(recorder, AsyncCallRecorder):
+            await _to_its_end(recorder.finish_call(**arguments))
+        else:
+            finish = functools.partial(recorder.finish_call, **arguments)
+            await _to_its_end(anyio.to_thread.run_sync(finish, limiter=self._limiter))
+
+
+async def _to_its_end(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` to its end even if the task is cancelled meanwhile; the
+    cancellation is raised once ``work`` has ended.
+
+    A shielded anyio cancel scope keeps out the cancellation of an outer scope,
+    but not one from asyncio itself (``Task.cancel()``, ``asyncio.wait_for``,
+    ``asyncio.timeout``): on asyncio, ``work`` runs as a task of its own, which
+    that cancellation does not reach.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio): the shield is enough
         with anyio.CancelScope(shield=True):
-            if isinstance(recorder, AsyncCallRecorder):
-                await recorder.finish_call(**arguments)
-            else:
-                finish = functools.partial(recorder.finish_call, **arguments)
-                await anyio.to_thread.run_sync(finish, limiter=self._limiter)
+            return await work
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as error:
+                if task.cancelled():
+                    raise
+                cancelled = error
+            except BaseException:
+                pass  # the task's own failure: task.result() raises it
+    if cancelled is not None:
+        task.exception()  # retrieved: a failure of the task gives way to the cancellation
+        raise cancelled
+    return task.result()
 
 
 _MAX_REASON = 200  # characters of a server's reason phrase kept in the error payload
