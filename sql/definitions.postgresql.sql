@@ -322,7 +322,7 @@ BEGIN
     IF NEW.state_id IS NULL THEN
         RETURN NEW;
     END IF;
-    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id FOR KEY SHARE;
     IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
         RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
             'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';

@@ -1300,5 +1300,46 @@ $$;
 
 UPDATE callindex_alembic_version SET version_num='0012' WHERE callindex_alembic_version.version_num = '0011';
 
+-- Running upgrade 0012 -> 0013
+
+CREATE OR REPLACE FUNCTION callindex_vouch_index() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+AS $$
+DECLARE
+    next bigint;
+BEGIN
+    -- The database, not the writer, says when a call was made and finished.
+    NEW.created_at := now();
+    NEW.completed_at := CASE WHEN NEW.status = 'pending' THEN NULL ELSE now() END;
+    IF NEW.state_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    SELECT next_index INTO next FROM call_index_counters WHERE state_id = NEW.state_id FOR KEY SHARE;
+    IF next IS NULL OR NEW.call_index IS NULL OR NEW.call_index >= next THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % was not handed out by its '
+            'counter (next %)', NEW.call_index, NEW.state_id, next USING ERRCODE = 'CX003';
+    END IF;
+    IF EXISTS (SELECT 1 FROM call_purges
+               WHERE state_id = NEW.state_id
+                 AND first_index <= NEW.call_index AND NEW.call_index <= last_index) THEN
+        RAISE EXCEPTION 'callindex: call_index % of state % belonged to a purged call',
+            NEW.call_index, NEW.state_id USING ERRCODE = 'CX009';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION callindex_vouch_index() SET search_path = %I, pg_temp',
+                   current_schema());
+END;
+$$;
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0013', 2);
+
+UPDATE callindex_alembic_version SET version_num='0013' WHERE callindex_alembic_version.version_num = '0012';
+
 COMMIT;
 

@@ -213,8 +213,9 @@ LIMIT :batch;
 -- lock_calls --
 -- A transaction that goes on to lock a counter row takes calls first, as a
 -- single INSERT INTO calls does: dropping a month's partition (calls first,
--- then counters) never deadlocks with it.
-LOCK TABLE calls IN ACCESS SHARE MODE;
+-- then counters) never deadlocks with it. ONLY: the partitions need no lock
+-- for that.
+LOCK TABLE ONLY calls IN ACCESS SHARE MODE;
 
 -- lock_counter --
 -- Sealing, purging: no record_call(call_index=k) of the state lands meanwhile.

@@ -411,5 +411,11 @@ END;
 
 UPDATE callindex_alembic_version SET version_num='0012' WHERE callindex_alembic_version.version_num = '0011';
 
+-- Running upgrade 0012 -> 0013
+
+INSERT INTO callindex_schema_interfaces (revision, interface) VALUES ('0013', 2);
+
+UPDATE callindex_alembic_version SET version_num='0013' WHERE callindex_alembic_version.version_num = '0012';
+
 COMMIT;
 

@@ -584,3 +584,91 @@ def test_verify_reads_one_snapshot_while_states_are_purged(db_url: str) -> None:
         (r.gaps, r.unused_reservations) for r in reports if r.gaps or r.unused_reservations
     ]
     assert unexplained == []
+
+
+def test_a_direct_insert_at_an_index_purged_meanwhile_is_refused(roles: str) -> None:
+    """A pipeline role's own INSERT at a reserved index arrives while a purge
+    holding the state's counter records the run that covers it: the vouch
+    trigger waits for the counter, then sees the run (CX009)."""
+    url = roles
+    with CallRecorder(url) as owner:
+        for n in range(2):
+            owner.record_call("s", "http", "success", {"n": n})
+        assert owner.allocate_call_index("s") == 2
+        owner.record_call("s", "http", "success", {"n": 3})
+    outcome: dict[str, Any] = {}
+    with CallRecorder(url) as owner, owner.engine.connect() as holder:
+        holder.execute(
+            text(
+                "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
+                "purged_before, purged_by) VALUES ('s', 0, 3, 3, now(), 'holder')"
+            )
+        )
+
+        def purge() -> None:
+            with CallRecorder(url) as purger:
+                outcome["purged"] = purger.purge(0)
+
+        def insert_at_two() -> None:
+            try:
+                _run(
+                    as_role(url, "callindex_test_app"),
+                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
+                    "request) VALUES ('direct', 's', 2, 'http', 'success', '{}')",
+                )
+            except IndexTakenError as error:
+                outcome["refused"] = error
+
+        purging = threading.Thread(target=purge)
+        purging.start()
+        _wait_until_blocked(url, 1)
+        inserting = threading.Thread(target=insert_at_two)
+        inserting.start()
+        _wait_until_blocked(url, 2)
+        holder.rollback()
+        purging.join(30)
+        inserting.join(30)
+    assert [(run.first_index, run.last_index) for run in outcome["purged"]] == [(0, 3)]
+    assert "refused" in outcome
+    assert [i for _, s, i, _ in call_rows(url) if s == "s"] == []
+
+
+def test_a_month_is_not_dropped_under_a_transaction_holding_a_counter(
+    postgresql_url: str,
+) -> None:
+    """A caller's transaction has allocated an index (allocate_call_index with
+    connection=) and inserts its call after the purge began: the purge does
+    not wait for that counter holding calls (a deadlock), it purges the month
+    row by row once the transaction commits."""
+    from test_partitions import _partition, _record_long_ago
+
+    url = postgresql_url
+    _record_long_ago(url, "old-1", 5)
+    _partition(url)
+    deadlocks = _deadlocks(url)
+    outcome: dict[str, Any] = {}
+    with CallRecorder(url) as owner, owner.engine.connect() as caller:
+        index = owner.allocate_call_index("old-1", connection=caller)
+
+        def purge() -> None:
+            with CallRecorder(url) as purger:
+                outcome["purged"] = purger.purge(30 * 86400)
+
+        purging = threading.Thread(target=purge)
+        purging.start()
+        _wait_until_blocked(url, 1)
+        caller.execute(
+            text(
+                "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
+                "hash_scheme) VALUES ('mine', 'old-1', :index, 'http', 'pending', 'rfc8785')"
+            ),
+            {"index": index},
+        )
+        caller.commit()
+        purging.join(30)
+    assert [(run.first_index, run.last_index, run.calls) for run in outcome["purged"]] == [
+        (0, 4, 5)
+    ]
+    assert [(s, i) for _, s, i, _ in call_rows(url)] == [("old-1", 5)]
+    time.sleep(0.5)
+    assert _deadlocks(url) == deadlocks

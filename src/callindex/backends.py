@@ -332,6 +332,7 @@ class PostgreSQLBackend(Backend):
         # statement as a whole).
         self.session_settings = (
             "SET synchronous_commit = on; "
+            "SET default_transaction_isolation = 'read committed'; "
             f"SET lock_timeout = {milliseconds}; "
             f"SET statement_timeout = {2 * milliseconds}"
         )

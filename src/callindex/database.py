@@ -276,9 +276,15 @@ class Database:
             with self.translated_errors():
                 return work(Statements(self, connection))
 
+        # Whatever the role's or database's default: each statement after a
+        # lock sees what was committed before it (see purges, seals).
+        options = {"isolation_level": "READ COMMITTED"} if self.name == "postgresql" else {}
+
         def attempt() -> T:
-            with self.translated_errors(), self.engine.begin() as transaction:
-                return work(Statements(self, transaction))
+            with self.translated_errors(), self.engine.connect() as conn:
+                writer = conn.execution_options(**options)
+                with writer.begin():
+                    return work(Statements(self, writer))
 
         return self.retry.call(attempt)
 

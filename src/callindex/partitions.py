@@ -518,11 +518,18 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
        ) AS unsealed_in_sealed_states
 FROM {partition} AS part
 """
+# Counters a transaction holds (one that allocated with connection= and has
+# yet to insert its call) are skipped, not waited for: that transaction waits
+# for calls, which the drop holds.
 _LOCK_COUNTERS: Final = """
-SELECT state_id FROM call_index_counters
-WHERE state_id IN (SELECT DISTINCT state_id FROM {partition})
-ORDER BY state_id
-FOR UPDATE
+SELECT count(*) FILTER (WHERE locked.state_id IS NULL) AS busy
+FROM (SELECT DISTINCT state_id FROM {partition} WHERE state_id IS NOT NULL) AS doomed
+LEFT JOIN (
+    SELECT state_id FROM call_index_counters
+    WHERE state_id IN (SELECT state_id FROM {partition})
+    ORDER BY state_id
+    FOR UPDATE SKIP LOCKED
+) AS locked USING (state_id)
 """
 _RUNS: Final = """
 WITH doomed AS (SELECT DISTINCT state_id FROM {partition})
@@ -562,13 +569,18 @@ def month_runs(statements: Statements, partition: str) -> list[dict[str, Any]] |
     """The runs of indices (``state_id``, ``first_index``, ``last_index``,
     ``calls``, ``sealed``) that dropping month partition ``partition`` would
     purge, with the counters of their states locked; ``None`` when a call in
-    it must stay (pending, of no state, or unsealed in a sealed state).
+    it must stay (pending, of no state, or unsealed in a sealed state), or a
+    transaction holds the counter of one of its states.
 
     Locks calls whole first (dropping the partition would), then the
-    counters, in the order every writer takes them: no call lands, finishes
-    or is sealed meanwhile."""
+    counters, in the order every statement that writes calls takes them: no
+    call lands, finishes or is sealed meanwhile. A transaction that holds a
+    counter and has yet to write calls would wait for the drop while the drop
+    waited for it: such a counter is not waited for."""
     _execute(statements, "LOCK TABLE calls IN ACCESS EXCLUSIVE MODE")
-    _rows(statements, _LOCK_COUNTERS, partition)
+    (counters,) = _rows(statements, _LOCK_COUNTERS, partition)
+    if counters["busy"]:
+        return None
     (blockers,) = _rows(statements, _DROPPABLE, partition)
     if any(blockers.values()):
         return None
