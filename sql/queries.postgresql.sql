@@ -264,6 +264,17 @@ GROUP BY calls.state_id
 ORDER BY calls.state_id;
 
 
+-- write_isolation --
+-- Database.run: first in its transaction, whatever the role's or database's
+-- default: each statement after a lock sees what committed before it
+-- (purges, seals).
+SET TRANSACTION ISOLATION LEVEL READ COMMITTED;
+
+-- read_snapshot --
+-- Database.read: first in its transaction, so all its statements read one
+-- snapshot (a check never sees a purge, a seal or a call half-way).
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY;
+
 -- begin_purge --
 -- The guard of calls lets this transaction's DELETE through.
 SELECT set_config('callindex.purging', 'on', true);

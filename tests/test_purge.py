@@ -459,8 +459,18 @@ class TestRacesWithRecordingAtAnIndex:
             report = recorder.verify()
         assert report.gaps == [] and report.duplicates == []
 
-    def test_a_call_recorded_while_the_purge_waits_is_seen_by_it(self, reserved: str) -> None:
+    @pytest.mark.parametrize("default_isolation", ["read committed", "repeatable read"])
+    def test_a_call_recorded_while_the_purge_waits_is_seen_by_it(
+        self, reserved: str, default_isolation: str
+    ) -> None:
+        """Whatever the database's default isolation."""
         url = reserved
+        setting = f"SET default_transaction_isolation = ''{default_isolation}''"
+        _run(
+            url,
+            "DO $$ BEGIN EXECUTE format("
+            f"'ALTER DATABASE %I {setting}', current_database()); END $$",
+        )
         with CallRecorder(url) as owner, owner.engine.connect() as holder:
             # The recording will wait on its call_id (same key) holding the counter.
             holder.execute(

@@ -276,15 +276,14 @@ class Database:
             with self.translated_errors():
                 return work(Statements(self, connection))
 
-        # Whatever the role's or database's default: each statement after a
-        # lock sees what was committed before it (see purges, seals).
-        options = {"isolation_level": "READ COMMITTED"} if self.name == "postgresql" else {}
+        pinned = self.name == "postgresql"
 
         def attempt() -> T:
-            with self.translated_errors(), self.engine.connect() as conn:
-                writer = conn.execution_options(**options)
-                with writer.begin():
-                    return work(Statements(self, writer))
+            with self.translated_errors(), self.engine.begin() as transaction:
+                statements = Statements(self, transaction)
+                if pinned:
+                    statements.rows("write_isolation")
+                return work(statements)
 
         return self.retry.call(attempt)
 
@@ -293,14 +292,16 @@ class Database:
         (retried). All its statements read one snapshot (on SQLite, the read
         transaction's; on PostgreSQL, REPEATABLE READ), so a check never sees a
         write half-way: a purge, a seal, a call landing."""
-        options: dict[str, Any] = {_READ_ONLY: True}
-        if self.name == "postgresql":
-            options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        # One statement in the transaction, not session settings that the pool
+        # would set and reset around every read.
+        snapshot = self.name == "postgresql"
 
         def attempt() -> T:
             with self.translated_errors(), self.engine.connect() as conn:
-                reader = conn.execution_options(**options)
-                return work(Statements(self, reader))
+                statements = Statements(self, conn.execution_options(**{_READ_ONLY: True}))
+                if snapshot:
+                    statements.rows("read_snapshot")
+                return work(statements)
 
         return self.retry.call(attempt)
 
