@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -389,6 +390,41 @@ def _wait_until_blocked(url: str, count: int) -> None:
     raise AssertionError(f"{count} sessions never waited for a lock")
 
 
+def _holding_a_run(state_id: str, last_index: int, calls: int) -> str:
+    """An uncommitted purge record of ``state_id``'s run from 0: a purge that
+    records the same run waits for it, holding the state's counter."""
+    return (
+        "INSERT INTO call_purges (state_id, first_index, last_index, calls, purged_before, "
+        f"purged_by) VALUES ('{state_id}', 0, {last_index}, {calls}, now(), 'holder')"
+    )
+
+
+def _interleaved(url: str, hold: str, first: Callable[[], None], then: Callable[[], None]) -> None:
+    """A test connection runs ``hold`` (an INSERT left uncommitted); ``first``
+    runs until it waits on that key, ``then`` until it waits too; the key is
+    released and both run to their end."""
+    with CallRecorder(url) as owner, owner.engine.connect() as holder:
+        holder.execute(text(hold))
+        threads = []
+        for waiting, work in enumerate((first, then), start=1):
+            threads.append(threading.Thread(target=work))
+            threads[-1].start()
+            _wait_until_blocked(url, waiting)
+        holder.rollback()
+        for thread in threads:
+            thread.join(30)
+
+
+def _purging(url: str, seconds: float, outcome: dict[str, Any]) -> Callable[[], None]:
+    """Work for a thread: purge calls at least ``seconds`` old into ``outcome``."""
+
+    def purge() -> None:
+        with CallRecorder(url) as purger:
+            outcome["purged"] = purger.purge(seconds)
+
+    return purge
+
+
 class TestRacesWithRecordingAtAnIndex:
     """record_call(call_index=k) and purge of the same state, each caught
     holding the state's counter while the other arrives (PostgreSQL: on
@@ -409,47 +445,26 @@ class TestRacesWithRecordingAtAnIndex:
         self, reserved: str, api: str
     ) -> None:
         url = reserved
-        with CallRecorder(url) as owner, owner.engine.connect() as holder:
-            # The purge will wait to record its run (same key) holding the counter.
-            holder.execute(
-                text(
-                    "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
-                    "purged_before, purged_by) VALUES ('s', 0, 3, 3, now(), 'holder')"
-                )
-            )
-            outcome: dict[str, Any] = {}
+        outcome: dict[str, Any] = {}
 
-            def purge() -> None:
-                with CallRecorder(url) as purger:
-                    outcome["purged"] = purger.purge(0)
+        async def record_at_two_async() -> Any:
+            async with AsyncCallRecorder(url) as recorder:
+                return await recorder.record_call("s", "http", "success", {"n": 2}, call_index=2)
 
-            async def record_at_two_async() -> Any:
-                async with AsyncCallRecorder(url) as recorder:
-                    return await recorder.record_call(
-                        "s", "http", "success", {"n": 2}, call_index=2
-                    )
+        def record_at_two() -> None:
+            try:
+                if api == "async":
+                    outcome["recorded"] = asyncio.run(record_at_two_async())
+                else:
+                    with CallRecorder(url) as recorder:
+                        outcome["recorded"] = recorder.record_call(
+                            "s", "http", "success", {"n": 2}, call_index=2
+                        )
+            except IndexTakenError as error:
+                outcome["refused"] = error
 
-            def record_at_two() -> None:
-                try:
-                    if api == "async":
-                        outcome["recorded"] = asyncio.run(record_at_two_async())
-                    else:
-                        with CallRecorder(url) as recorder:
-                            outcome["recorded"] = recorder.record_call(
-                                "s", "http", "success", {"n": 2}, call_index=2
-                            )
-                except IndexTakenError as error:
-                    outcome["refused"] = error
-
-            purging = threading.Thread(target=purge)
-            purging.start()
-            _wait_until_blocked(url, 1)
-            recording = threading.Thread(target=record_at_two)
-            recording.start()
-            _wait_until_blocked(url, 2)  # behind the purge's hold of the counter
-            holder.rollback()
-            purging.join(30)
-            recording.join(30)
+        # The purge waits to record its run, holding the counter.
+        _interleaved(url, _holding_a_run("s", 3, 3), _purging(url, 0, outcome), record_at_two)
         assert [(run.first_index, run.last_index, run.calls) for run in outcome["purged"]] == [
             (0, 3, 3)
         ]
@@ -471,35 +486,20 @@ class TestRacesWithRecordingAtAnIndex:
             "DO $$ BEGIN EXECUTE format("
             f"'ALTER DATABASE %I {setting}', current_database()); END $$",
         )
-        with CallRecorder(url) as owner, owner.engine.connect() as holder:
-            # The recording will wait on its call_id (same key) holding the counter.
-            holder.execute(
-                text(
-                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
-                    "request) VALUES ('late', 's', 99, 'http', 'pending', '{}')"
+        outcome: dict[str, Any] = {}
+
+        def record_at_two() -> None:
+            with CallRecorder(url) as recorder:
+                outcome["recorded"] = recorder.record_call(
+                    "s", "http", "success", {"n": 2}, call_id="late", call_index=2
                 )
-            )
-            outcome: dict[str, Any] = {}
 
-            def record_at_two() -> None:
-                with CallRecorder(url) as recorder:
-                    outcome["recorded"] = recorder.record_call(
-                        "s", "http", "success", {"n": 2}, call_id="late", call_index=2
-                    )
-
-            def purge() -> None:
-                with CallRecorder(url) as purger:
-                    outcome["purged"] = purger.purge(0)
-
-            recording = threading.Thread(target=record_at_two)
-            recording.start()
-            _wait_until_blocked(url, 1)
-            purging = threading.Thread(target=purge)
-            purging.start()
-            _wait_until_blocked(url, 2)  # behind the recording's hold of the counter
-            holder.rollback()
-            recording.join(30)
-            purging.join(30)
+        # The recording waits on its call_id, holding the counter.
+        late = (
+            "INSERT INTO calls (call_id, state_id, call_index, call_type, status, request) "
+            "VALUES ('late', 's', 99, 'http', 'pending', '{}')"
+        )
+        _interleaved(url, late, record_at_two, _purging(url, 0, outcome))
         assert outcome["recorded"].call_index == 2
         held = {index for _, state, index, _ in call_rows(url) if state == "s"}
         runs = _purges(url)
@@ -529,31 +529,13 @@ def test_dropping_a_month_never_deadlocks_with_a_writer_of_its_states(
     _partition(url)
     deadlocks = _deadlocks(url)
     outcome: dict[str, Any] = {}
-    with CallRecorder(url) as owner, owner.engine.connect() as holder:
-        holder.execute(
-            text(
-                "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
-                "purged_before, purged_by) VALUES ('old-1', 0, 4, 5, now(), 'holder')"
-            )
-        )
 
-        def purge() -> None:
-            with CallRecorder(url) as purger:
-                outcome["purged"] = purger.purge(30 * 86400)
+    def record() -> None:
+        with CallRecorder(url) as recorder:
+            outcome["recorded"] = recorder.record_call("old-1", "http", "success", {})
 
-        def record() -> None:
-            with CallRecorder(url) as recorder:
-                outcome["recorded"] = recorder.record_call("old-1", "http", "success", {})
-
-        purging = threading.Thread(target=purge)
-        purging.start()
-        _wait_until_blocked(url, 1)
-        recording = threading.Thread(target=record)
-        recording.start()
-        _wait_until_blocked(url, 2)
-        holder.rollback()
-        purging.join(30)
-        recording.join(30)
+    hold = _holding_a_run("old-1", 4, 5)
+    _interleaved(url, hold, _purging(url, 30 * 86400, outcome), record)
     assert [(run.first_index, run.last_index, run.calls) for run in outcome["purged"]] == [
         (0, 4, 5)
     ]
@@ -607,37 +589,18 @@ def test_a_direct_insert_at_an_index_purged_meanwhile_is_refused(roles: str) -> 
         assert owner.allocate_call_index("s") == 2
         owner.record_call("s", "http", "success", {"n": 3})
     outcome: dict[str, Any] = {}
-    with CallRecorder(url) as owner, owner.engine.connect() as holder:
-        holder.execute(
-            text(
-                "INSERT INTO call_purges (state_id, first_index, last_index, calls, "
-                "purged_before, purged_by) VALUES ('s', 0, 3, 3, now(), 'holder')"
+
+    def insert_at_two() -> None:
+        try:
+            _run(
+                as_role(url, "callindex_test_app"),
+                "INSERT INTO calls (call_id, state_id, call_index, call_type, status, request) "
+                "VALUES ('direct', 's', 2, 'http', 'success', '{}')",
             )
-        )
+        except IndexTakenError as error:
+            outcome["refused"] = error
 
-        def purge() -> None:
-            with CallRecorder(url) as purger:
-                outcome["purged"] = purger.purge(0)
-
-        def insert_at_two() -> None:
-            try:
-                _run(
-                    as_role(url, "callindex_test_app"),
-                    "INSERT INTO calls (call_id, state_id, call_index, call_type, status, "
-                    "request) VALUES ('direct', 's', 2, 'http', 'success', '{}')",
-                )
-            except IndexTakenError as error:
-                outcome["refused"] = error
-
-        purging = threading.Thread(target=purge)
-        purging.start()
-        _wait_until_blocked(url, 1)
-        inserting = threading.Thread(target=insert_at_two)
-        inserting.start()
-        _wait_until_blocked(url, 2)
-        holder.rollback()
-        purging.join(30)
-        inserting.join(30)
+    _interleaved(url, _holding_a_run("s", 3, 3), _purging(url, 0, outcome), insert_at_two)
     assert [(run.first_index, run.last_index) for run in outcome["purged"]] == [(0, 3)]
     assert "refused" in outcome
     assert [i for _, s, i, _ in call_rows(url) if s == "s"] == []
@@ -659,12 +622,7 @@ def test_a_month_is_not_dropped_under_a_transaction_holding_a_counter(
     outcome: dict[str, Any] = {}
     with CallRecorder(url) as owner, owner.engine.connect() as caller:
         index = owner.allocate_call_index("old-1", connection=caller)
-
-        def purge() -> None:
-            with CallRecorder(url) as purger:
-                outcome["purged"] = purger.purge(30 * 86400)
-
-        purging = threading.Thread(target=purge)
+        purging = threading.Thread(target=_purging(url, 30 * 86400, outcome))
         purging.start()
         _wait_until_blocked(url, 1)
         caller.execute(
